@@ -1,0 +1,1 @@
+"""Data: the embedded soundfont generator, manifests, dataset readers and shards."""
