@@ -1,6 +1,564 @@
-"""token_l1_loss. Provisional version calling the reference; the Triton helper owns this file."""
+"""token_l1_loss: the matched token L1 loss (L_ct of DESIGN.md section 2, also L_ut) as Triton kernels.
+
+    loss = sum over valid (b, j) of |pred[b, perm[b, j]] - target[b, j]|_1 / (D * #valid)
+
+perm[b, j] is the predicted row matched to target row j (-1: not valid). The loss is an fp32 scalar
+(0 when nothing is valid); gradients go to pred (scattered to the matched rows, exactly 0 on the
+others) and to target when it requires grad.
+
+Why the gradient is written by the forward kernel. At the real shape (B=256, N=77, D=512) the op is
+pure memory traffic. Recomputing |diff| in a separate backward costs read pred + target twice and
+write grad_pred once (5 passes over a [B, N, D] tensor). The gradient of an L1 loss is
+sign(diff) / (D * #valid) times the incoming scalar, so the forward kernel, which has diff in
+registers anyway, writes sign(diff) * 1/(D * #valid) straight into the gradient buffers (3 passes).
+The backward kernel then only has to apply the incoming gradient g: it reads g on the device and
+returns at once when g == 1 (loss.backward() on this loss alone) without touching memory; for any
+other g it rewrites the buffers as sign(stored) * g/(D * #valid), which rounds once, exactly like
+the recomputed gradient would. fp16 cannot hold 1/(D * #valid) for large batches (it underflows
+below 6e-8), so for fp16 the forward stores the bare sign and the backward always scales.
+Everything is computed only when a gradient is wanted (grad mode on and an input requiring grad);
+under torch.no_grad the forward only reads.
+
+Launches: the forward needs #valid before it writes any gradient, so (when a gradient is wanted)
+a prepare kernel, one program per batch item, first counts the item's valid perm entries and flags
+which predicted rows are matched (the others get an exact-zero gradient); its last program sums
+the counts and stores 1/(D * #valid). The forward kernel runs a grid of up to a few programs per
+SM, each walking tiles of BLOCK_R rows of one batch item x D. Per-tile partial sums and counts go
+to a workspace; the program that finishes last (an integer ticket, reset by that program for the
+next launch) sums the workspace in a fixed order. No float atomics, and the result does not
+depend on the grid size: bit-identical run to run. The backward is one launch.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
 from collat import reference
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-def token_l1_loss(pred, target, perm):
-    return reference.token_l1_loss(pred, target, perm)
+# Workspace layout (fp32): [inv_denominator, stored_scale, per-item valid counts (B, with a gradient),
+# matched flags of the predicted rows (B * Np, with a gradient to pred), tile sums, tile counts]
+_WS_INV = 0
+_WS_SCALE = 1
+_WS_TILES = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prepare_kernel(
+    perm_ptr,  # int64 [B, Nt], contiguous
+    work_ptr,
+    counter_ptr,
+    flags_offset,
+    B,
+    Np,
+    Nt,
+    D,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_FINAL: tl.constexpr,
+    WRITE_FLAGS: tl.constexpr,
+    PRESCALE_GRAD: tl.constexpr,
+):
+    """One program per batch item: its number of valid perm entries and, with WRITE_FLAGS,
+    1.0/0.0 per predicted row for matched/unmatched (unmatched rows get a zero gradient). The last
+    program to finish sums the counts (exact integers, fixed order) and stores 1/(D * #valid) and
+    the scale the forward kernel writes into the gradient buffers."""
+    b = tl.program_id(0)
+    perm_row_ptr = perm_ptr + b.to(tl.int64) * Nt
+    count_lanes = tl.zeros([BLOCK_J], dtype=tl.int32)
+    for j0 in range(0, Nt, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        p = tl.load(perm_row_ptr + js, mask=js < Nt, other=-1)
+        count_lanes += ((p >= 0) & (p < Np)).to(tl.int32)
+    if WRITE_FLAGS:
+        for i0 in range(0, Np, BLOCK_I):
+            rows = i0 + tl.arange(0, BLOCK_I)
+            hits = tl.zeros([BLOCK_I], dtype=tl.int32)
+            for j0 in range(0, Nt, BLOCK_J):
+                js = j0 + tl.arange(0, BLOCK_J)
+                p = tl.load(perm_row_ptr + js, mask=js < Nt, other=-1).to(tl.int32)
+                hits += tl.sum((p[None, :] == rows[:, None]).to(tl.int32), axis=1)
+            tl.store(work_ptr + flags_offset + b.to(tl.int64) * Np + rows, (hits > 0).to(tl.float32), mask=rows < Np)
+    tl.store(work_ptr + 2 + b, tl.sum(count_lanes, axis=0).to(tl.float32))  # <= Nt: exact
+
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1)  # acq_rel: the partials stored above are visible
+    if ticket == tl.num_programs(0) - 1:
+        valid_lanes = tl.zeros([BLOCK_FINAL], dtype=tl.int32)
+        for first in range(0, B, BLOCK_FINAL):
+            items = first + tl.arange(0, BLOCK_FINAL)
+            parts = tl.load(work_ptr + 2 + items, mask=items < B, other=0.0, cache_modifier=".cg")
+            valid_lanes += parts.to(tl.int32)
+        inv_denominator = 1.0 / (tl.maximum(tl.sum(valid_lanes, axis=0), 1).to(tl.float32) * D)
+        tl.store(work_ptr + 0, inv_denominator)
+        if PRESCALE_GRAD:
+            tl.store(work_ptr + 1, inv_denominator)
+        else:
+            tl.store(work_ptr + 1, inv_denominator * 0.0 + 1.0)
+        tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch
+
+
+@triton.jit
+def _token_l1_fwd_kernel(
+    pred_ptr,
+    target_ptr,
+    perm_ptr,  # int64 [B, Nt], contiguous
+    grad_pred_ptr,  # [B, Np, D] contiguous, input dtype (unused unless WRITE_GRAD_PRED)
+    grad_target_ptr,  # [B, Nt, D] contiguous, input dtype (unused unless WRITE_GRAD_TARGET)
+    work_ptr,  # fp32 workspace, layout above
+    loss_ptr,  # fp32 scalar
+    counter_ptr,  # int32 ticket, 0 between launches
+    Np,
+    Nt,
+    D,
+    flags_offset,  # matched flags of the predicted rows, written by _prepare_kernel
+    tiles_offset,
+    stride_pb,
+    stride_pn,
+    stride_pd,
+    stride_tb,
+    stride_tn,
+    stride_td,
+    num_tiles,
+    tiles_per_item,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_FINAL: tl.constexpr,
+    WRITE_GRAD_PRED: tl.constexpr,
+    WRITE_GRAD_TARGET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    WRITE_GRAD: tl.constexpr = WRITE_GRAD_PRED or WRITE_GRAD_TARGET
+
+    tile_sums_ptr = work_ptr + tiles_offset
+    tile_counts_ptr = tile_sums_ptr + num_tiles
+    if WRITE_GRAD:
+        grad_scale = tl.load(work_ptr + 1)  # from the prepare kernel: needs #valid of the whole batch
+
+    row_lanes = tl.arange(0, BLOCK_R)
+    col_lanes = tl.arange(0, BLOCK_D)
+    for tile in range(pid, num_tiles, num_programs):
+        b = (tile // tiles_per_item).to(tl.int64)
+        rows = (tile % tiles_per_item) * BLOCK_R + row_lanes
+        is_target_row = rows < Nt
+        perm_row_ptr = perm_ptr + b * Nt
+        src = tl.load(perm_row_ptr + rows, mask=is_target_row, other=-1)
+        # Out-of-range entries are treated as invalid so that a bad perm cannot fault
+        # (validate=True reports them instead).
+        valid = (src >= 0) & (src < Np)
+        src = tl.where(valid, src, 0)
+        pred_rows_ptr = pred_ptr + b * stride_pb + src * stride_pn
+        target_rows_ptr = target_ptr + b * stride_tb + rows.to(tl.int64) * stride_tn
+
+        if WRITE_GRAD_PRED:
+            # Predicted rows of this tile that no target row points to get a zero gradient.
+            matched = tl.load(work_ptr + flags_offset + b * Np + rows, mask=rows < Np, other=1.0)
+            unmatched = (rows < Np) & (matched == 0.0)
+            grad_pred_item_ptr = grad_pred_ptr + b * Np * D
+        if WRITE_GRAD_TARGET:
+            grad_target_rows_ptr = grad_target_ptr + (b * Nt + rows) * D
+
+        abs_sums = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + col_lanes
+            col_ok = cols < D
+            load_mask = valid[:, None] & col_ok[None, :]
+            x = tl.load(pred_rows_ptr[:, None] + cols[None, :] * stride_pd, mask=load_mask, other=0.0)
+            y = tl.load(target_rows_ptr[:, None] + cols[None, :] * stride_td, mask=load_mask, other=0.0)
+            diff = x.to(tl.float32) - y.to(tl.float32)
+            abs_sums += tl.abs(diff)
+            if WRITE_GRAD:
+                # sign(diff) * scale, 0 where diff is 0 or NaN: torch's abs backward does the same.
+                grad = tl.where(diff > 0, grad_scale, tl.where(diff < 0, -grad_scale, 0.0))
+            if WRITE_GRAD_PRED:
+                tl.store(
+                    grad_pred_item_ptr + src[:, None] * D + cols[None, :],
+                    grad.to(grad_pred_ptr.dtype.element_ty),
+                    mask=load_mask,
+                )
+                tl.store(
+                    grad_pred_item_ptr + rows[:, None].to(tl.int64) * D + cols[None, :],
+                    tl.zeros([BLOCK_R, BLOCK_D], dtype=grad_pred_ptr.dtype.element_ty),
+                    mask=unmatched[:, None] & col_ok[None, :],
+                )
+            if WRITE_GRAD_TARGET:
+                tl.store(
+                    grad_target_rows_ptr[:, None] + cols[None, :],
+                    tl.where(valid[:, None], -grad, 0.0).to(grad_target_ptr.dtype.element_ty),
+                    mask=is_target_row[:, None] & col_ok[None, :],
+                )
+        tl.store(tile_sums_ptr + tile, tl.sum(abs_sums))
+        tl.store(tile_counts_ptr + tile, tl.sum(valid.to(tl.int32), axis=0).to(tl.float32))
+
+    # The last program to finish reduces the per-tile partials in a fixed order.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1)  # acq_rel: the partials stored above are visible
+    if ticket == num_programs - 1:
+        total_lanes = tl.zeros([BLOCK_FINAL], dtype=tl.float32)
+        valid_lanes = tl.zeros([BLOCK_FINAL], dtype=tl.int32)
+        for first in range(0, num_tiles, BLOCK_FINAL):
+            tile_ids = first + tl.arange(0, BLOCK_FINAL)
+            is_tile = tile_ids < num_tiles
+            total_lanes += tl.load(tile_sums_ptr + tile_ids, mask=is_tile, other=0.0, cache_modifier=".cg")
+            tile_valid = tl.load(tile_counts_ptr + tile_ids, mask=is_tile, other=0.0, cache_modifier=".cg")
+            valid_lanes += tile_valid.to(tl.int32)
+        num_valid = tl.sum(valid_lanes, axis=0)
+        denominator = tl.maximum(num_valid, 1).to(tl.float32) * D
+        tl.store(loss_ptr, tl.sum(total_lanes, axis=0) / denominator)
+        tl.store(work_ptr + 0, 1.0 / denominator)
+        tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch
+
+
+@triton.jit
+def _token_l1_bwd_kernel(
+    grad_loss_ptr,  # fp32 scalar: d(out)/d(loss)
+    work_ptr,
+    grad_a_ptr,
+    numel_a,
+    grad_b_ptr,
+    numel_b,
+    blocks_a,
+    num_blocks,
+    BLOCK: tl.constexpr,
+):
+    # The buffers hold sign(diff) * stored_scale; the wanted gradient is sign(diff) * g / (D * #valid).
+    factor = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(work_ptr + 0)
+    stored_scale = tl.load(work_ptr + 1)
+    if factor != stored_scale:
+        lanes = tl.arange(0, BLOCK)
+        for block in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+            if block < blocks_a:
+                offs = tl.cast(block, tl.int64) * BLOCK + lanes
+                mask = offs < numel_a
+                v = tl.load(grad_a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                v = tl.where(v > 0, factor, tl.where(v < 0, -factor, 0.0))
+                tl.store(grad_a_ptr + offs, v.to(grad_a_ptr.dtype.element_ty), mask=mask)
+            else:
+                offs = tl.cast(block - blocks_a, tl.int64) * BLOCK + lanes
+                mask = offs < numel_b
+                v = tl.load(grad_b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                v = tl.where(v > 0, factor, tl.where(v < 0, -factor, 0.0))
+                tl.store(grad_b_ptr + offs, v.to(grad_b_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    tile_bytes: int  # bytes of one [BLOCK_R, BLOCK_D] tile of one input
+    max_block_d: int
+    programs_per_sm: int  # forward grid = min(tiles, SMs * programs_per_sm) (CUDA)
+    num_warps: int
+    cpu_programs: int  # forward grid in the interpreter: small, but > 1 to exercise the ticket
+    bwd_programs_per_sm: int  # backward grid = min(blocks, SMs * bwd_programs_per_sm) (CUDA)
+
+
+# CUDA: the best of a sweep on an H200 (benchmarks/bench_l1.py --sweep; 8 KiB tiles with 8 programs
+# per SM led for bf16 and were within noise of the best for fp32). On CPU (the interpreter) the
+# blocks are small so that tests cover several tiles, several D blocks and several programs.
+CUDA_CONFIG = LaunchConfig(
+    tile_bytes=8192, max_block_d=1024, programs_per_sm=8, num_warps=8, cpu_programs=0, bwd_programs_per_sm=8
+)
+CPU_CONFIG = LaunchConfig(
+    tile_bytes=8192, max_block_d=64, programs_per_sm=0, num_warps=4, cpu_programs=3, bwd_programs_per_sm=0
+)
+BWD_BLOCK = 4096
+BWD_NUM_WARPS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_counters: dict = {}
+
+
+def _ticket_counter(device: torch.device) -> torch.Tensor:
+    """One zeroed int32 per (device, stream): kernels on one stream never overlap, and each launch
+    leaves the counter at 0 again. A counter shared across streams could be raced."""
+    if device.type == "cuda":
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    else:
+        key = (device.type, None)
+    counter = _counters.get(key)
+    if counter is None:
+        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: switch only when the tensors live elsewhere."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted(kernel):
+    """The interpreter twin of a kernel, for CPU tensors even when TRITON_INTERPRET was set late."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the launchers fill (tests replace this to poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch_forward(pred, target, perm, want_grad_pred: bool, want_grad_target: bool):
+    """Runs the forward kernel. Returns (loss, workspace, grad_pred or None, grad_target or None);
+    the gradient buffers hold sign(diff) * workspace[stored_scale] until the backward kernel runs."""
+    B, Np, D = pred.shape
+    Nt = target.shape[1]
+    device = pred.device
+    on_cuda = device.type == "cuda"
+    cfg = CUDA_CONFIG if on_cuda else CPU_CONFIG
+
+    block_d = min(triton.next_power_of_2(D), cfg.max_block_d)
+    max_rows = max(Np, Nt)
+    block_r = max(1, min(cfg.tile_bytes // (pred.element_size() * block_d), triton.next_power_of_2(max_rows)))
+    tiles_per_item = triton.cdiv(max_rows, block_r)
+    num_tiles = B * tiles_per_item
+    if on_cuda:
+        grid = min(num_tiles, _num_sms(device.index) * cfg.programs_per_sm)
+        kernel, prepare_kernel = _token_l1_fwd_kernel, _prepare_kernel
+    else:
+        grid = min(num_tiles, cfg.cpu_programs)
+        kernel, prepare_kernel = _interpreted(_token_l1_fwd_kernel), _interpreted(_prepare_kernel)
+    write_grad = want_grad_pred or want_grad_target
+    flags_offset = _WS_TILES + (B if write_grad else 0)
+    tiles_offset = flags_offset + (B * Np if want_grad_pred else 0)
+
+    loss = _new_buffer((), torch.float32, device)
+    work = _new_buffer((tiles_offset + 2 * num_tiles,), torch.float32, device)
+    grad_pred = _new_buffer(pred.shape, pred.dtype, device) if want_grad_pred else None
+    grad_target = _new_buffer(target.shape, target.dtype, device) if want_grad_target else None
+    perm = perm if perm.is_contiguous() else perm.contiguous()
+    counter = _ticket_counter(device)
+    if write_grad:
+        prepare_kernel[(B,)](
+            perm,
+            work,
+            counter,
+            flags_offset,
+            B,
+            Np,
+            Nt,
+            D,
+            BLOCK_I=min(triton.next_power_of_2(max(Np, 1)), 128),
+            BLOCK_J=min(triton.next_power_of_2(Nt), 128),
+            BLOCK_FINAL=min(triton.next_power_of_2(B), 1024),
+            WRITE_FLAGS=want_grad_pred,
+            PRESCALE_GRAD=pred.dtype != torch.float16,
+            num_warps=4,
+        )
+    kernel[(grid,)](
+        pred,
+        target,
+        perm,
+        grad_pred if want_grad_pred else work,
+        grad_target if want_grad_target else work,
+        work,
+        loss,
+        counter,
+        Np,
+        Nt,
+        D,
+        flags_offset,
+        tiles_offset,
+        *pred.stride(),
+        *target.stride(),
+        num_tiles,
+        tiles_per_item,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        BLOCK_FINAL=min(triton.next_power_of_2(num_tiles), 1024),
+        WRITE_GRAD_PRED=want_grad_pred,
+        WRITE_GRAD_TARGET=want_grad_target,
+        num_warps=cfg.num_warps,
+    )
+    return loss, work, grad_pred, grad_target
+
+
+def _launch_backward(grad_loss, work, grad_pred, grad_target) -> None:
+    """Turns the buffers from the forward into the gradients for grad_loss, in place."""
+    buffers = [g for g in (grad_pred, grad_target) if g is not None and g.numel() > 0]
+    if not buffers:
+        return
+    a = buffers[0]
+    b = buffers[1] if len(buffers) > 1 else a
+    numel_b = b.numel() if len(buffers) > 1 else 0
+    blocks_a = triton.cdiv(a.numel(), BWD_BLOCK)
+    num_blocks = blocks_a + triton.cdiv(numel_b, BWD_BLOCK)
+    if a.is_cuda:
+        # Few programs: with g == 1 (the usual loss.backward()) they all return at once.
+        kernel = _token_l1_bwd_kernel
+        grid = min(num_blocks, _num_sms(a.device.index) * CUDA_CONFIG.bwd_programs_per_sm)
+    else:
+        kernel = _interpreted(_token_l1_bwd_kernel)
+        grid = min(num_blocks, 2)
+    kernel[(grid,)](
+        grad_loss, work, a, a.numel(), b, numel_b, blocks_a, num_blocks, BLOCK=BWD_BLOCK, num_warps=BWD_NUM_WARPS
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd Function
+# --------------------------------------------------------------------------------------------
+
+
+class TokenL1LossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, target, perm, want_grad_pred: bool, want_grad_target: bool):
+        B, Nt = perm.shape
+        if B == 0 or Nt == 0:
+            # Nothing can be valid: loss 0 and zero gradients, decided from shapes alone.
+            loss = torch.zeros((), dtype=torch.float32, device=pred.device)
+            ctx.empty = True
+            ctx.want = (want_grad_pred, want_grad_target)
+            ctx.save_for_backward(pred, target)
+            return loss
+        with _on_device(pred.device):
+            loss, work, grad_pred, grad_target = _launch_forward(pred, target, perm, want_grad_pred, want_grad_target)
+        ctx.empty = False
+        ctx.want = (want_grad_pred, want_grad_target)
+        ctx.work, ctx.grad_pred, ctx.grad_target = work, grad_pred, grad_target
+        if want_grad_pred or want_grad_target:
+            ctx.save_for_backward(pred, target, perm)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        want_grad_pred, want_grad_target = ctx.want
+        if ctx.empty:
+            pred, target = ctx.saved_tensors
+            return (
+                torch.zeros_like(pred) if want_grad_pred else None,
+                torch.zeros_like(target) if want_grad_target else None,
+                None,
+                None,
+                None,
+            )
+        work, grad_pred, grad_target = ctx.work, ctx.grad_pred, ctx.grad_target
+        with _on_device(grad_loss.device):
+            if grad_pred is None and grad_target is None:
+                # A second backward through a retained graph: the buffers of the first were handed
+                # to autograd (it may own them as .grad now), so write fresh ones.
+                pred, target, perm = ctx.saved_tensors
+                _, work, grad_pred, grad_target = _launch_forward(pred, target, perm, want_grad_pred, want_grad_target)
+            # Hand the buffers over without keeping a reference, so autograd can adopt them as .grad.
+            ctx.grad_pred = ctx.grad_target = None
+            _launch_backward(grad_loss, work, grad_pred, grad_target)
+        return grad_pred, grad_target, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Functional front
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(pred, target, perm) -> None:
+    for name, t in (("pred", pred), ("target", target), ("perm", perm)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"token_l1_loss: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if pred.dim() != 3:
+        raise ValueError(f"token_l1_loss: pred must have shape [B, Np, D] (3 dims), got {tuple(pred.shape)}")
+    if target.dim() != 3:
+        raise ValueError(f"token_l1_loss: target must have shape [B, Nt, D] (3 dims), got {tuple(target.shape)}")
+    B, _, D = pred.shape
+    if target.shape[0] != B:
+        raise ValueError(f"token_l1_loss: target batch size must equal pred's ({B}), got {target.shape[0]}")
+    if target.shape[2] != D:
+        raise ValueError(f"token_l1_loss: target width D must equal pred's ({D}), got {target.shape[2]}")
+    if D == 0:
+        raise ValueError("token_l1_loss: the token width D must be at least 1, got 0")
+    if perm.dim() != 2 or perm.shape[0] != B or perm.shape[1] != target.shape[1]:
+        raise ValueError(
+            f"token_l1_loss: perm must have shape [B, Nt] = {(B, target.shape[1])}, got {tuple(perm.shape)}"
+        )
+    if perm.dtype != torch.int64:
+        raise TypeError(f"token_l1_loss: perm must be torch.int64, got {perm.dtype}")
+    if pred.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"token_l1_loss: pred dtype must be one of float32, float16, bfloat16, got {pred.dtype}"
+        )
+    if target.dtype != pred.dtype:
+        raise TypeError(f"token_l1_loss: target dtype must equal pred's ({pred.dtype}), got {target.dtype}")
+    if target.device != pred.device or perm.device != pred.device:
+        raise ValueError(
+            "token_l1_loss: pred, target and perm must be on one device, got "
+            f"pred on {pred.device}, target on {target.device}, perm on {perm.device}"
+        )
+
+
+def check_perm(perm: torch.Tensor, num_pred_rows: int) -> None:
+    """Raises ValueError unless every perm entry is -1 or in [0, num_pred_rows) and the valid
+    entries of each row are distinct (a partial permutation). Synchronises with the device."""
+    bad = (perm < -1) | (perm >= num_pred_rows)
+    if bool(bad.any()):
+        b, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"token_l1_loss: perm[{b}, {j}] must be -1 or in [0, {num_pred_rows}), got {int(perm[b, j])}"
+        )
+    if perm.shape[1] > 1:
+        ordered = perm.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+        if bool(repeated.any()):
+            b, j = (int(v) for v in repeated.nonzero()[0])
+            raise ValueError(
+                f"token_l1_loss: perm[{b}] must match each predicted row at most once, "
+                f"but row {int(ordered[b, j + 1])} is matched more than once"
+            )
+
+
+def _use_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def token_l1_loss(
+    pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, *, validate: bool = False
+) -> torch.Tensor:
+    """Mean absolute difference between target rows and their matched predicted rows.
+
+    pred [B, Np, D], target [B, Nt, D] (float32/float16/bfloat16, one dtype), perm int64 [B, Nt]:
+    perm[b, j] is the row of pred[b] matched to target[b, j], -1 when target row j is not valid;
+    the valid entries of a row must be distinct. Returns the fp32 scalar
+    sum_{valid (b, j)} |pred[b, perm[b, j]] - target[b, j]|_1 / (D * #valid), 0 if nothing is valid.
+    Differentiable in pred and target; gradients come in the input dtype.
+
+    validate=True also checks the values of perm (range, distinctness), which synchronises with
+    the device; by default out-of-range entries are ignored and repeated ones are undefined.
+    CUDA tensors run the Triton kernels, CPU tensors run them in the Triton interpreter when
+    TRITON_INTERPRET=1 and otherwise the PyTorch reference.
+    """
+    _check_inputs(pred, target, perm)
+    if validate:
+        check_perm(perm, pred.shape[1])
+    if not _use_triton(pred.device):
+        return reference.token_l1_loss(pred, target, perm)
+    grad_on = torch.is_grad_enabled()
+    return TokenL1LossFunction.apply(
+        pred, target, perm, grad_on and pred.requires_grad, grad_on and target.requires_grad
+    )
