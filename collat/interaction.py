@@ -4,6 +4,16 @@ N query vectors drawn from N(0, 1) attend to the projected audio tokens through 
     x = x + CrossAttn(LN(x), LN(a));  x = x + MLP(LN(x))
 followed by an output head LN + Linear. The output h_at [B, N, D] lives in the text encoder's
 token-embedding space.
+
+Two paths share one parameter layout (a state_dict loads into either; `fused` is a plain attribute
+that can be flipped at any time):
+- reference: each block runs its own LN(a) and K/V projection and the plain-PyTorch attention;
+- fused: K and V of every block depend only on `a`, and every block's LN(a) is the same plain
+  normalisation n(a) followed by that block's affine (gamma_l, beta_l). Folding the affine into the
+  projection, W_l (gamma_l * n + beta_l) + b_l = (W_l diag(gamma_l)) n + (W_l beta_l + b_l), turns all
+  blocks' K/V into ONE GEMM over the audio tokens; attention then runs in the Triton kernel
+  (collat.kernels.attention.cross_attention). The folding is differentiable, so gamma_l and beta_l
+  get their gradients through it.
 """
 from __future__ import annotations
 
@@ -12,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from collat import reference
+from collat.kernels.attention import cross_attention
 
 
 class InteractionBlock(nn.Module):
@@ -48,6 +59,23 @@ class InteractionBlock(nn.Module):
         x = x + self.out_proj(self.merge_heads(attn))
         return x + self.mlp(x)
 
+    def forward_fused(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block with K/V given ([B, M, D] each, from TokenInteraction.fused_keys_values)."""
+        q = self.split_heads(self.q_proj(self.norm_x(x)))
+        attn = cross_attention(q, self.split_heads(k), self.split_heads(v), key_padding_mask)
+        x = x + self.out_proj(self.merge_heads(attn))
+        return x + self.mlp(x)
+
+    def folded_kv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W diag(gamma), W beta + b) of the K/V projection, in fp32: LN(a)'s affine folded in."""
+        weight, bias = self.kv_proj.weight, self.kv_proj.bias
+        gamma, beta = self.norm_a.weight, self.norm_a.bias
+        # Elementwise + sum rather than a matmul so that autocast cannot round the fold to bf16.
+        folded_bias = (weight * beta[None, :]).sum(dim=1) + bias
+        return weight * gamma[None, :], folded_bias
+
 
 class TokenInteraction(nn.Module):
     """f_at: audio tokens [B, M, D] (+ optional bool padding mask [B, M]) -> token embeddings [B, N, D].
@@ -65,10 +93,12 @@ class TokenInteraction(nn.Module):
         mlp_ratio: float = 4.0,
         seed: int = 0,
         resample_queries: bool = False,
+        fused: bool = False,
     ):
         super().__init__()
         self.dim, self.num_queries, self.depth = dim, num_queries, depth
         self.resample_queries = resample_queries
+        self.fused = fused
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("queries", torch.randn(num_queries, dim, generator=generator))
         self.blocks = nn.ModuleList(InteractionBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -82,8 +112,29 @@ class TokenInteraction(nn.Module):
             queries = self.queries
         return queries.to(like.dtype).expand(batch, -1, -1)
 
+    def fused_keys_values(self, audio_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's (K, V), [B, M, D] views of one [B, M, depth * 2D] projection of n(a)."""
+        eps = {block.norm_a.eps for block in self.blocks}
+        if len(eps) != 1:
+            raise ValueError(f"the fused path needs one LayerNorm eps for every block's norm_a, got {sorted(eps)}")
+        B, M, D = audio_tokens.shape
+        normalized = F.layer_norm(audio_tokens, (D,), eps=eps.pop())
+        with torch.autocast(device_type=audio_tokens.device.type, enabled=False):
+            folded = [block.folded_kv_params() for block in self.blocks]
+        weight = torch.cat([w for w, _ in folded])
+        bias = torch.cat([b for _, b in folded])
+        kv = F.linear(normalized, weight, bias)
+        # unbind (one autograd node) rather than slicing: its backward stacks the 2*depth gradients
+        # in one copy instead of adding 2*depth zero-padded full-size tensors.
+        parts = kv.view(B, M, 2 * self.depth, D).unbind(dim=2)
+        return [(parts[2 * i], parts[2 * i + 1]) for i in range(self.depth)]
+
     def forward(self, audio_tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.initial_queries(audio_tokens.shape[0], audio_tokens)
-        for block in self.blocks:
-            x = block(x, audio_tokens, key_padding_mask)
+        if self.fused and self.depth > 0:
+            for block, (k, v) in zip(self.blocks, self.fused_keys_values(audio_tokens)):
+                x = block.forward_fused(x, k, v, key_padding_mask)
+        else:
+            for block in self.blocks:
+                x = block(x, audio_tokens, key_padding_mask)
         return self.head(self.norm_out(x))

@@ -1,6 +1,832 @@
-"""cross_attention. Provisional version calling the reference; the Triton helper owns this file."""
-from collat import reference
+"""cross_attention: softmax(q k^T / sqrt(d) + key padding mask) v, flash-style, in Triton.
+
+Layout of this file (Liger style): Triton kernels, host launchers, the custom ops
+`collat::cross_attention_fwd` / `collat::cross_attention_bwd` with their fake (meta) impls and autograd
+registration (what `torch.compile` sees: it keeps them opaque and compiles the code around them), an
+autograd Function over the same launchers for eager mode (cheaper to dispatch), then the validated
+functional front `cross_attention`.
+
+Shapes: q [B, H, Nq, d], k and v [B, H, Nk, d], any Nq / Nk (the real shape is 77 queries x 1212 audio
+keys), head dims 1..128 (padded inside the kernel to a power of two >= 16). Any strides with a unit
+last-dim stride are read in place, so the per-head views `t.view(B, L, H, d).transpose(1, 2)` of a
+projection's output need no copy; the output (and each gradient) has the dimension order of its input, which makes the
+usual merge-heads `transpose(1, 2).reshape(B, Nq, H * d)` free.
+
+Numerics: scores and softmax statistics are fp32; fp16/bf16 inputs feed the tensor cores in their own
+dtype (P and dS are rounded to it before their matmuls, as in FlashAttention); fp32 inputs keep
+fp32-level accuracy by default through 3xTF32 products (`fp32_precision="tf32x3"`), with "ieee"
+(plain fp32 FMAs) and "tf32" (fast, ~1e-3) as explicit choices. A row whose keys are all
+padding outputs zeros and gets zero gradients: its log-sum-exp is stored as +inf so that every
+probability recomputed in the backward pass is exp(-inf) = 0.
+
+Backward, deterministic (no atomics): for Nq <= 128 (the real shape) ONE kernel per (head, key split)
+holds all queries' q, dO and the dq accumulator on chip and walks its keys once, storing dk and dv per
+key block (5 matmuls per block; the splits' dq parts are summed in a fixed order). For longer query
+sets, and for fp32 tiles too big for shared memory, FlashAttention-2's pair: a dq kernel per query
+block (which also stores delta = rowsum(dO * O)) and a dk/dv kernel per key block. A launch config
+that does not fit the GPU's shared memory gives way to the next one (remembered per shape class).
+
+With 77 queries a head is one query block, so the grid is B*H programs (256 at B=32, H=8) for the
+forward, and B*H*splits for the backward, splits chosen to give every SM two programs.
+
+Dispatch: CUDA tensors -> Triton; CPU tensors with TRITON_INTERPRET=1 at import -> the Triton
+interpreter (the tests); other CPU tensors -> F.scaled_dot_product_attention with the padding handled
+(fast CPU training), all-masked rows still zeros.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# triton.jit picks the interpreter at decoration time, so the dispatch must follow the same snapshot.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def cross_attention(q, k, v, key_padding_mask=None):
-    return reference.cross_attention(q, k, v, key_padding_mask)
+def _patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar kernel argument into a Python int with
+    `int(one_element_array)`, which NumPy >= 2.4 rejects, so `range(0, N, BLOCK)` over a runtime N
+    fails there. Re-patch `__index__` to go through `.item()`; idempotent, interpreter only."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_collat_index_fix", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._collat_index_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if _INTERPRET:
+    _patch_interpreter_index()
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The interpreter's tl.dot mis-reads bf16 operands (NumPy has no bf16); there the operands are
+    # widened to fp32, which is exact for bf16 values, so the emulation keeps the kernel's rounding.
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _head_dim_mask(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # A constant all-true mask when d is a power of two: a mask that varies along the contiguous
+    # dimension would stop the compiler from vectorising the loads.
+    if HEAD_DIM == BLOCK_D:
+        valid = tl.full([BLOCK_D], 1, dtype=tl.int1)
+    else:
+        valid = tl.arange(0, BLOCK_D) < HEAD_DIM
+    return valid
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, PAD,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_pad_b,
+    H, NQ, NK, NUM_M_BLOCKS,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # One program per (query block, batch*head); the query blocks of one head are neighbours in
+    # launch order so that they read that head's K/V while it is still in L2.
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_M_BLOCKS
+    pid_bh = pid // NUM_M_BLOCKS
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n_base = tl.arange(0, BLOCK_N)
+    m_valid = offs_m < NQ
+    d_valid = _head_dim_mask(HEAD_DIM, BLOCK_D)
+
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=m_valid[:, None] & d_valid[None, :], other=0.0,
+    )
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    pad_base = PAD + b * stride_pad_b
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + offs_n_base
+        n_valid = offs_n < NK
+        nd_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        keep = n_valid
+        if HAS_PAD:
+            is_pad = tl.load(pad_base + offs_n, mask=n_valid, other=1)
+            keep = keep & (is_pad == 0)
+        s = tl.where(keep[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen only masked keys keeps m = -inf; shift it by 0 instead (no inf - inf).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    # +inf makes the backward's exp2(s - lse) exactly 0 for rows with no visible key.
+    lse = tl.where(empty_row, float("inf"), m_i + tl.log2(tl.where(empty_row, 1.0, l_i)))
+
+    tl.store(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :],
+    )
+    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _attn_bwd_fused_kernel(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, PAD,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqs, stride_dqb, stride_dqh, stride_dqm,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_pad_b,
+    H, NQ, NK, NUM_SPLITS, KEYS_PER_SPLIT,
+    qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # Backward for Nq <= BLOCK_M (all queries of a head in one block, the 77-query case): one program
+    # per (batch*head, key split) keeps q, dO and the dq accumulator on chip and walks its keys once,
+    # writing each key block's dk and dv as it goes. 5 matmuls per key block instead of FA2's 7, no
+    # atomics: with several splits, dq is written per split and summed in a fixed order afterwards.
+    pid = tl.program_id(0)
+    split = pid % NUM_SPLITS
+    pid_bh = pid // NUM_SPLITS
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n_base = tl.arange(0, BLOCK_N)
+    m_valid = offs_m < NQ
+    d_valid = _head_dim_mask(HEAD_DIM, BLOCK_D)
+    md_mask = m_valid[:, None] & d_valid[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=md_mask, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=md_mask, other=0.0)
+    # delta_i = sum_j P_ij dP_ij = rowsum(dO * O)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    # Rows past NQ load lse = +inf, so their probabilities are exactly 0 and they add nothing to dk/dv.
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=m_valid, other=float("inf"))
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dk_base = DK + b * stride_dkb + h * stride_dkh
+    dv_base = DV + b * stride_dvb + h * stride_dvh
+    pad_base = PAD + b * stride_pad_b
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    key_start = split * KEYS_PER_SPLIT
+    key_end = tl.minimum(key_start + KEYS_PER_SPLIT, NK)
+    for start_n in range(key_start, key_end, BLOCK_N):
+        offs_n = start_n + offs_n_base
+        n_valid = offs_n < key_end
+        nd_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
+        keep = n_valid
+        if HAS_PAD:
+            is_pad = tl.load(pad_base + offs_n, mask=n_valid, other=1)
+            keep = keep & (is_pad == 0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dv = _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq += _dot(ds, k, PRECISION, UPCAST)
+        dk = _dot(tl.trans(ds), q, PRECISION, UPCAST) * sm_scale
+        tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
+        tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+    dq = dq * sm_scale
+    tl.store(
+        DQ + split.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty), mask=md_mask,
+    )
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA, PAD,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_pad_b,
+    H, NQ, NK, NUM_M_BLOCKS,
+    qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # FA2 backward, part 1 (any Nq): one program per query block computes and stores delta, then
+    # accumulates dq over all key blocks.
+    pid = tl.program_id(0)
+    pid_m = pid % NUM_M_BLOCKS
+    pid_bh = pid // NUM_M_BLOCKS
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n_base = tl.arange(0, BLOCK_N)
+    m_valid = offs_m < NQ
+    d_valid = _head_dim_mask(HEAD_DIM, BLOCK_D)
+    md_mask = m_valid[:, None] & d_valid[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=md_mask, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=md_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    row_offset = pid_bh.to(tl.int64) * NQ
+    tl.store(DELTA + row_offset + offs_m, delta, mask=m_valid)
+    lse = tl.load(LSE + row_offset + offs_m, mask=m_valid, other=float("inf"))
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    pad_base = PAD + b * stride_pad_b
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + offs_n_base
+        n_valid = offs_n < NK
+        nd_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        keep = n_valid
+        if HAS_PAD:
+            is_pad = tl.load(pad_base + offs_n, mask=n_valid, other=1)
+            keep = keep & (is_pad == 0)
+        p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty), mask=md_mask,
+    )
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, PAD,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_pad_b,
+    H, NQ, NK, NUM_N_BLOCKS,
+    qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # FA2 backward, part 2 (any Nq): one program per key block loops over the query blocks; works in
+    # the transposed orientation (keys on rows) so that dk and dv come out without transposes.
+    pid = tl.program_id(0)
+    pid_n = pid % NUM_N_BLOCKS
+    pid_bh = pid // NUM_N_BLOCKS
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m_base = tl.arange(0, BLOCK_M)
+    n_valid = offs_n < NK
+    d_valid = _head_dim_mask(HEAD_DIM, BLOCK_D)
+    nd_mask = n_valid[:, None] & d_valid[None, :]
+
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
+    keep = n_valid
+    if HAS_PAD:
+        is_pad = tl.load(PAD + b * stride_pad_b + offs_n, mask=n_valid, other=1)
+        keep = keep & (is_pad == 0)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    row_offset = pid_bh.to(tl.int64) * NQ
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for start_m in range(0, NQ, BLOCK_M):
+        offs_m = start_m + offs_m_base
+        m_valid = offs_m < NQ
+        md_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=md_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=md_mask, other=0.0)
+        lse = tl.load(LSE + row_offset + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(DELTA + row_offset + offs_m, mask=m_valid, other=0.0)
+
+        st = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+        pt = tl.where(keep[:, None], tl.exp2(st - lse[None, :]), 0.0)
+        dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
+        dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, PRECISION, UPCAST)
+
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty), mask=nd_mask,
+    )
+    tl.store(
+        DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty), mask=nd_mask,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """A launch config; the launchers take an explicit one (benchmark sweeps, tests) or use the defaults
+    of forward_config / backward_config."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    block_m: int | None = None  # split backward path only; fused paths use one block over Nq
+    num_splits: int | None = None  # fused backward only
+
+
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+FUSED_BACKWARD_MAX_NQ = 128  # up to this many queries the backward runs as one kernel per head
+INTERPRETER_CONFIG = LaunchConfig(block_n=64, num_warps=4, num_stages=1)
+
+
+def forward_config(q: torch.Tensor) -> LaunchConfig:
+    """Forward launch config (one query block of up to 128 rows x BLOCK_N keys per step). bf16: the
+    best of the one sweep run so far (B=32 H=8 q77 k1212 d64, H200, an earlier revision of the kernel;
+    `benchmarks/bench_attention.py --sweep` repeats it); fp32 (3xTF32): not swept yet."""
+    if _INTERPRET:
+        return INTERPRETER_CONFIG
+    wide = _block_m(q.shape[2]) * _block_d(q.shape[-1]) >= 128 * 64
+    if q.dtype == torch.float32:
+        return LaunchConfig(block_n=32 if _block_d(q.shape[-1]) > 64 else 64, num_warps=8 if wide else 4, num_stages=2)
+    return LaunchConfig(block_n=64, num_warps=8 if wide else 4, num_stages=3)
+
+
+def backward_configs(q: torch.Tensor) -> list[LaunchConfig]:
+    """Fused-backward launch configs, best first; a config that needs more shared memory than the GPU
+    has (fp32 operands with all 128 query rows on chip) gives way to the next, and past the last one
+    the backward takes FA2's split kernels."""
+    if _INTERPRET:
+        return [INTERPRETER_CONFIG]
+    wide = _block_m(q.shape[2]) * _block_d(q.shape[-1]) >= 128 * 64
+    warps = 8 if wide else 4
+    if q.dtype == torch.float32:
+        # Measured on an H200: fp32 q/dO tiles of 128 x 64 need ~300 KB of shared memory even at
+        # BLOCK_N=16, one stage (the limit is 227 KB), so such shapes go straight to the split kernels.
+        return [] if wide else [LaunchConfig(32, warps, 2), LaunchConfig(16, warps, 1)]
+    if _block_d(q.shape[-1]) > 64:
+        return [LaunchConfig(32, warps, 2), LaunchConfig(16, warps, 1), LaunchConfig(16, 4, 1)]
+    return [LaunchConfig(64, warps, 2), LaunchConfig(32, warps, 1)]
+
+
+def backward_config(q: torch.Tensor) -> LaunchConfig | None:
+    """The first fused-backward config tried (None: the split kernels)."""
+    configs = backward_configs(q)
+    return configs[0] if configs else None
+
+
+# (dtype, Nq block, d block, precision) -> index into backward_configs, or None = use the split path;
+# filled the first time a combination runs out of shared memory.
+_BACKWARD_FALLBACK: dict = {}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, _next_pow2(head_dim))
+
+
+def _block_m(num_queries: int, cap: int = 128) -> int:
+    # The 77 queries of the real shape fit one 128-row block, so each head's K/V stream is read once.
+    return max(16, min(cap, _next_pow2(num_queries)))
+
+
+def _precision(dtype: torch.dtype, fp32_precision: str) -> str:
+    return fp32_precision if dtype == torch.float32 else "tf32"  # the latter is ignored for fp16/bf16
+
+
+def _upcast_dots(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _pad_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if key_padding_mask is None:
+        return like, 0  # never read: HAS_PAD is False
+    pad = key_padding_mask.view(torch.uint8)  # bool -> bytes without a copy
+    return pad, pad.stride(0)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor with t's dimension order: for a head view of a wider buffer (k sliced out of a
+    fused K/V projection) this is [B, N, H, d] memory, which the gradient's consumer reads in order."""
+    if t.is_contiguous():
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))
+    dense = torch.empty([t.shape[i] for i in order], device=t.device, dtype=t.dtype)
+    return dense.permute([order.index(i) for i in range(t.dim())])
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    fp32_precision: str = "tf32x3",
+    config: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out in q's dimension order, lse fp32 [B, H, Nq] in log2 units of the scaled scores)."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    out = _empty_in_layout_of(q)
+    lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    block_m = _block_m(NQ)
+    num_m_blocks = triton.cdiv(NQ, block_m)
+    pad, stride_pad = _pad_arg(key_padding_mask, q)
+    sm_scale = 1.0 / math.sqrt(D)
+    config = config or forward_config(q)
+    _attn_fwd_kernel[(num_m_blocks * B * H,)](
+        q, k, v, out, lse, pad,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
+        H, NQ, NK, num_m_blocks,
+        sm_scale * LOG2E,
+        HEAD_DIM=D, HAS_PAD=key_padding_mask is not None,
+        BLOCK_M=block_m, BLOCK_D=_block_d(D),
+        PRECISION=_precision(q.dtype, fp32_precision), UPCAST=_upcast_dots(q),
+        BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(q: torch.Tensor, NK: int) -> int:
+    """Key splits for the fused backward: enough programs for two per SM, each keeping >= 256 keys."""
+    if q.device.type != "cuda":
+        return 1
+    programs = q.shape[0] * q.shape[1]
+    return max(1, min(triton.cdiv(2 * _multiprocessors(q.device), programs), NK // 256, 8))
+
+
+def _launch_fused_backward(grad_out, q, k, v, out, lse, pad, stride_pad, dq, dk, dv, sm_scale, common, config):
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    num_splits = config.num_splits or _num_splits(q, NK)
+    # Splits own whole multiples of 128 keys, so every BLOCK_N (<= 128) tiles them exactly.
+    keys_per_split = triton.cdiv(triton.cdiv(NK, num_splits), 128) * 128
+    num_splits = triton.cdiv(NK, keys_per_split)
+    if num_splits == 1:
+        dq_target = dq.unsqueeze(0)
+    else:
+        dq_target = torch.empty((num_splits, B, H, NQ, D), device=q.device, dtype=torch.float32)
+    _attn_bwd_fused_kernel[(B * H * num_splits,)](
+        q, k, v, out, grad_out, dq_target, dk, dv, lse, pad,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out),
+        dq_target.stride(0), *_strides(dq_target[0]), *_strides(dk), *_strides(dv),
+        stride_pad,
+        H, NQ, NK, num_splits, keys_per_split,
+        sm_scale * LOG2E, sm_scale,
+        BLOCK_M=_block_m(NQ), BLOCK_N=config.block_n, **common,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        dq.copy_(dq_target.sum(dim=0))
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    fp32_precision: str = "tf32x3",
+    config: LaunchConfig | None = None,
+    mode: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv. mode: "fused" (one kernel per head; needs Nq <= 128), "split" (FA2's dq kernel +
+    dk/dv kernel, any Nq) or "auto" (fused where it applies)."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    grad_out = _unit_last_stride(grad_out)
+    dq = _empty_in_layout_of(q)
+    dk = _empty_in_layout_of(k)
+    dv = _empty_in_layout_of(v)
+    if B * H == 0:
+        return dq, dk, dv
+    if NQ == 0 or NK == 0:  # nothing attends: every gradient is zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if mode == "auto":
+        mode = "fused" if NQ <= FUSED_BACKWARD_MAX_NQ else "split"
+    if mode == "fused" and NQ > FUSED_BACKWARD_MAX_NQ:
+        raise ValueError(f"the fused backward needs Nq <= {FUSED_BACKWARD_MAX_NQ}, got Nq={NQ}")
+    pad, stride_pad = _pad_arg(key_padding_mask, q)
+    sm_scale = 1.0 / math.sqrt(D)
+    common = dict(
+        HEAD_DIM=D, HAS_PAD=key_padding_mask is not None, BLOCK_D=_block_d(D),
+        PRECISION=_precision(q.dtype, fp32_precision), UPCAST=_upcast_dots(q),
+    )
+    if mode == "fused":
+        args = (grad_out, q, k, v, out, lse, pad, stride_pad, dq, dk, dv, sm_scale, common)
+        if config is not None:
+            _launch_fused_backward(*args, config)
+            return dq, dk, dv
+        fallback_key = (q.dtype, _block_m(NQ), _block_d(D), fp32_precision, q.device)
+        candidates = backward_configs(q)
+        start = _BACKWARD_FALLBACK.get(fallback_key, 0)
+        for index in range(start, len(candidates)) if start is not None else ():
+            try:
+                _launch_fused_backward(*args, candidates[index])
+            except triton.runtime.errors.OutOfResources:  # raised before the launch: nothing written
+                _BACKWARD_FALLBACK[fallback_key] = index + 1
+                continue
+            _BACKWARD_FALLBACK[fallback_key] = index
+            return dq, dk, dv
+        _BACKWARD_FALLBACK[fallback_key] = None
+        # No fused config fits (fp32 with 128 query rows on chip): FA2's split kernels below.
+
+    delta = torch.empty_like(lse)
+    fp32 = q.dtype == torch.float32
+    block_m = (config.block_m if config and config.block_m else None) or _block_m(NQ, 32 if fp32 else 64)
+    block_n = config.block_n if config else (32 if fp32 else 64)
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else dict(num_warps=4, num_stages=2)
+    num_m_blocks = triton.cdiv(NQ, block_m)
+    _attn_bwd_dq_kernel[(num_m_blocks * B * H,)](
+        q, k, v, out, grad_out, dq, lse, delta, pad,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
+        stride_pad,
+        H, NQ, NK, num_m_blocks,
+        sm_scale * LOG2E, sm_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
+    )
+    num_n_blocks = triton.cdiv(NK, block_n)
+    _attn_bwd_dkdv_kernel[(num_n_blocks * B * H,)](
+        q, k, v, grad_out, dk, dv, lse, delta, pad,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        stride_pad,
+        H, NQ, NK, num_n_blocks,
+        sm_scale * LOG2E, sm_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops + autograd (opaque to torch.compile, which then compiles the code around them)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("collat::cross_attention_fwd", mutates_args=())
+def _cross_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], fp32_precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    return attention_forward(q, k, v, key_padding_mask, fp32_precision)
+
+
+@_cross_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, fp32_precision):
+    B, H, NQ, _ = q.shape
+    return _empty_in_layout_of(q), q.new_empty((B, H, NQ), dtype=torch.float32)
+
+
+@torch.library.custom_op("collat::cross_attention_bwd", mutates_args=())
+def _cross_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    fp32_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    return attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, fp32_precision)
+
+
+@_cross_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, key_padding_mask, fp32_precision):
+    return _empty_in_layout_of(q), _empty_in_layout_of(k), _empty_in_layout_of(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, fp32_precision = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.fp32_precision = fp32_precision
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _cross_attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, ctx.fp32_precision)
+    return dq, dk, dv, None, None
+
+
+_cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class CrossAttentionFunction(torch.autograd.Function):
+    """The eager path: the same launchers without the custom-op dispatch, which costs several times
+    more host time per call than the kernels take on the GPU at the real shape."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, fp32_precision):
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+        out, lse = attention_forward(q, k, v, key_padding_mask, fp32_precision)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.fp32_precision = fp32_precision
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, ctx.fp32_precision)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU fallback
+# ----------------------------------------------------------------------------------------------
+
+
+def _sdpa_fallback(q, k, v, key_padding_mask):
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    all_padding = key_padding_mask.all(dim=1)  # [B]
+    # SDPA gives NaN for a row with no visible key: let such rows see every key, then zero them
+    # (the multiplication also zeroes their gradients).
+    attend = ~(key_padding_mask & ~all_padding[:, None])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
+    return out * (~all_padding).to(out.dtype)[:, None, None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional front
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, key_padding_mask, fp32_precision) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, d], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    B, H, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(
+            f"k must be [B={B}, H={H}, Nk, d={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got d={D}")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be torch.bool (True = padding), got {key_padding_mask.dtype}")
+        expected = (B, k.shape[2])
+        if tuple(key_padding_mask.shape) != expected:
+            raise ValueError(f"key_padding_mask must have shape [B, Nk] = {expected}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+
+
+def uses_triton(device: torch.device) -> bool:
+    """True where cross_attention runs the Triton kernels (CUDA, or CPU under the interpreter)."""
+    return device.type == "cuda" or (device.type == "cpu" and _INTERPRET)
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    fp32_precision: str = "tf32x3",
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for q [B, H, Nq, d], k and v [B, H, Nk, d].
+
+    key_padding_mask: optional bool [B, Nk], True marks a padding key that is ignored; a query whose
+    keys are all padding outputs zeros (zero gradients). fp32/fp16/bf16, output in the input dtype,
+    fp32 accumulation. Head dims 1..128.
+
+    fp32_precision (fp32 inputs on the GPU): "tf32x3" (default) splits each fp32 operand into two TF32
+    parts and keeps fp32-level accuracy on the tensor cores; "ieee" uses plain fp32 FMAs (exact, slow);
+    "tf32" is the fast, ~1e-3-accurate opt-in.
+    """
+    _check_inputs(q, k, v, key_padding_mask, fp32_precision)
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()
+    if uses_triton(q.device):
+        if torch.compiler.is_compiling():
+            return _cross_attention_fwd(q, k, v, key_padding_mask, fp32_precision)[0]
+        return CrossAttentionFunction.apply(q, k, v, key_padding_mask, fp32_precision)
+    return _sdpa_fallback(q, k, v, key_padding_mask)
