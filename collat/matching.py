@@ -1,7 +1,18 @@
-"""Front of the matching ops (greedy_match, optimal_match): validation and dispatch.
+"""Token matching ops: greedy right-to-left (the paper's g, DESIGN.md section 2) and optimal.
 
-Provisional version: dispatches to torch.ops.collat.* when the extension has a kernel for the
-device, else to the reference. The matching helper owns and extends this file.
+    perm = greedy_match(pred, target, lengths, metric="l1")    # or optimal_match / match(method=...)
+
+pred (the predicted tokens h_at) and target (the text tokens h_t) are [B, N, D]; lengths [B] gives
+the number L_b of valid text tokens (a prefix of each row). perm is int64 [B, N]: perm[b, j] is the
+predicted row matched to text row j, -1 for j >= L_b. Distances (fp32 accumulation): "l1" = sum
+|t - p|, "l2" = squared Euclidean, "cosine" = 1 - cos. Greedy takes j = L_b-1 down to 0, each the
+closest untaken predicted row (ties to the smallest index); optimal minimises the total distance.
+
+Each call validates its inputs, then runs the compiled kernel of collat._C for the device (C++ on
+CPU, CUDA on GPU) or, where that is missing, the plain-PyTorch reference (collat.reference). Both
+kernels compute every distance as one sequential fp32 sum over D, so their perms are bit-identical;
+they match the reference exactly wherever the reference's own rounding does not flip a near-tie.
+The matching is not differentiable (perm is an index tensor).
 """
 from __future__ import annotations
 
@@ -9,14 +20,93 @@ import torch
 
 from collat import _ext, reference
 
+METRICS = reference.METRICS
+METHODS = ("greedy", "optimal")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_MAX_N = 1024  # the CUDA kernels keep a lane's taken-columns set in one 32-bit mask
+
+_kernel_cache: dict[tuple[str, str], bool] = {}
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    key = (op, device_type)
+    if key not in _kernel_cache:
+        _kernel_cache[key] = _ext.has_kernel(op, device_type)
+    return _kernel_cache[key]
+
+
+def _validate(op: str, pred, target, lengths, metric) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks the arguments; returns (pred, target) in one dtype the kernels take."""
+    for name, value in (("pred", pred), ("target", target), ("lengths", lengths)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if pred.dim() != 3:
+        raise ValueError(f"{op}: pred must have shape [B, N, D] (3 dims), got shape {tuple(pred.shape)}")
+    if target.shape != pred.shape:
+        raise ValueError(
+            f"{op}: target must have pred's shape [B, N, D] = {tuple(pred.shape)}, got {tuple(target.shape)}"
+        )
+    B, N, _ = pred.shape
+    if lengths.shape != (B,):
+        raise ValueError(f"{op}: lengths must have shape [B] = ({B},), got {tuple(lengths.shape)}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: lengths must be int32 or int64, got {lengths.dtype}")
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
+    if not (target.device == pred.device == lengths.device):
+        raise ValueError(
+            f"{op}: pred, target and lengths must be on one device, got {pred.device}, {target.device}, "
+            f"{lengths.device}"
+        )
+    for name, value in (("pred", pred), ("target", target)):
+        if not value.is_floating_point():
+            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {value.dtype}")
+    if pred.dtype != target.dtype or pred.dtype not in KERNEL_DTYPES:
+        # The reference computes in fp32 from .float() of each input: so do the kernels.
+        pred, target = pred.float(), target.float()
+    if pred.device.type == "cuda" and N > CUDA_MAX_N:
+        raise ValueError(f"{op}: the CUDA kernel supports N <= {CUDA_MAX_N}, got N = {N}")
+    if B > 0 and not torch.compiler.is_compiling():
+        # One host sync; the kernels also clamp lengths into [0, N], so skipping this is memory-safe.
+        low, high = torch.stack(torch.aminmax(lengths)).tolist()
+        if low < 0 or high > N:
+            raise ValueError(f"{op}: lengths must lie in [0, N] = [0, {N}], got values in [{low}, {high}]")
+    return pred, target
+
 
 def greedy_match(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor, metric: str = "l1") -> torch.Tensor:
-    if _ext.has_kernel("greedy_match", pred.device.type):
+    """Greedy right-to-left matching; int64 perm [B, N] (see the module docstring)."""
+    pred, target = _validate("greedy_match", pred, target, lengths, metric)
+    if _has_kernel("greedy_match", pred.device.type):
         return torch.ops.collat.greedy_match(pred, target, lengths, metric)
     return reference.greedy_match(pred, target, lengths, metric)
 
 
 def optimal_match(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor, metric: str = "l1") -> torch.Tensor:
-    if _ext.has_kernel("optimal_match", pred.device.type):
+    """Exact minimum-total-distance matching of the valid rows to distinct predicted rows; int64 perm [B, N]."""
+    pred, target = _validate("optimal_match", pred, target, lengths, metric)
+    if _has_kernel("optimal_match", pred.device.type):
         return torch.ops.collat.optimal_match(pred, target, lengths, metric)
     return reference.optimal_match(pred, target, lengths, metric)
+
+
+def match(
+    pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor, metric: str = "l1", method: str = "greedy"
+) -> torch.Tensor:
+    """greedy_match or optimal_match, chosen by method ("greedy" is the paper's)."""
+    if method == "greedy":
+        return greedy_match(pred, target, lengths, metric)
+    if method == "optimal":
+        return optimal_match(pred, target, lengths, metric)
+    raise ValueError(f"match: method must be one of {METHODS}, got {method!r}")
+
+
+if _ext.HAS_EXTENSION:
+
+    @torch.library.register_fake("collat::greedy_match")
+    def _greedy_match_fake(pred, target, lengths, metric):
+        return pred.new_empty(pred.shape[:2], dtype=torch.int64)
+
+    @torch.library.register_fake("collat::optimal_match")
+    def _optimal_match_fake(pred, target, lengths, metric):
+        return pred.new_empty(pred.shape[:2], dtype=torch.int64)

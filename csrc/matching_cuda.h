@@ -1,0 +1,214 @@
+// CUDA side of the matching ops, shared by greedy_match_cuda.cu and optimal_match_cuda.cu (include it
+// from .cu files only): the block-wide distance matrix of one batch item and the launch plan.
+//
+// One block per batch item. The [L, N] fp32 distance matrix is computed by 4x4 register tiles (one
+// tile per thread, several passes when there are more tiles than threads), streaming d in chunks of
+// kChunk through shared memory, transposed so that a tile reads 4 target and 4 predicted values
+// with two float4 loads. Each distance is one sequential sum over d with explicitly rounded adds and
+// multiplies (no FMA), the same arithmetic as the CPU kernel (matching_cpu.h), so perms agree bit for
+// bit. The matrix lives in shared memory when it fits (e.g. N = 77: 24.6 KB; N = 200 on H100/H200),
+// else in a global scratch buffer.
+#pragma once
+
+// Only c10 CUDA headers: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers, which a bare
+// toolkit (CI) may lack.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "matching_common.h"
+
+namespace collat {
+namespace cuda {
+
+constexpr int kTile = 4;     // a thread's tile: kTile target rows x kTile predicted rows
+constexpr int kChunk = 16;   // d values staged in shared memory per step
+constexpr int kMaxN = 1024;  // the taken-set of a column slot is one bit of a 32-bit lane mask
+constexpr int kWarp = 32;
+
+struct Plan {
+  int threads;
+  int stride;         // row stride of a staged chunk (floats); multiple of 4, never a multiple of 8
+  int dist_stride;    // row stride of the distance matrix (floats)
+  int chunk_floats;   // staged target + pred chunks + two norm vectors
+  bool dist_in_smem;
+  size_t smem_bytes;  // dynamic shared memory of one block
+};
+
+__host__ __device__ inline int round_up_int(int x, int m) { return (x + m - 1) / m * m; }
+
+// extra_bytes: per-block shared memory the caller needs after the distance matrix (8-byte aligned).
+inline Plan make_plan(int N, size_t extra_bytes) {
+  Plan p;
+  const int n4 = round_up_int(N, kTile);
+  p.stride = n4 % 8 == 0 ? n4 + 4 : n4;  // odd multiple of 4 words: at most 2-way conflicts when staging
+  p.dist_stride = n4;
+  p.chunk_floats = 2 * kChunk * p.stride + 2 * p.stride;
+  const int tiles_per_side = n4 / kTile;
+  p.threads = std::min(1024, std::max(kWarp, round_up_int(tiles_per_side * tiles_per_side, kWarp)));
+  const size_t dist_bytes = sizeof(float) * size_t(N) * p.dist_stride;
+  const size_t base = sizeof(float) * size_t(p.chunk_floats) + extra_bytes;
+  int device = 0, optin_bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t limit = size_t(optin_bytes);
+  p.dist_in_smem = base + dist_bytes <= limit;
+  p.smem_bytes = p.dist_in_smem ? base + dist_bytes : base;
+  TORCH_CHECK(p.smem_bytes <= limit, "collat matching: N = ", N, " needs ", p.smem_bytes,
+              " bytes of shared memory per block, the device allows ", limit);
+  return p;
+}
+
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+__device__ __forceinline__ int clamp_length(int64_t length, int N) {
+  return length < 0 ? 0 : (length > N ? N : int(length));
+}
+
+template <Metric M>
+__device__ __forceinline__ float accumulate(float acc, float t, float p) {
+  if constexpr (M == Metric::L1) {
+    return __fadd_rn(acc, fabsf(__fsub_rn(t, p)));
+  } else if constexpr (M == Metric::L2) {
+    const float diff = __fsub_rn(t, p);
+    return __fadd_rn(acc, __fmul_rn(diff, diff));
+  } else {
+    return __fadd_rn(acc, __fmul_rn(t, p));
+  }
+}
+
+template <Metric M>
+__device__ __forceinline__ void tile_step(float (&acc)[kTile][kTile], const float* t_chunk, const float* p_chunk,
+                                          int stride, int kk, int j0, int i0) {
+  const float4 t = *reinterpret_cast<const float4*>(t_chunk + kk * stride + j0);
+  const float4 p = *reinterpret_cast<const float4*>(p_chunk + kk * stride + i0);
+  const float tv[kTile] = {t.x, t.y, t.z, t.w};
+  const float pv[kTile] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+  for (int r = 0; r < kTile; ++r)
+#pragma unroll
+    for (int q = 0; q < kTile; ++q) acc[r][q] = accumulate<M>(acc[r][q], tv[r], pv[q]);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void stage_rows(float* chunk, const scalar_t* __restrict__ rows, int valid_rows,
+                                           int padded_rows, int D, int k0, int kc, int stride) {
+  for (int idx = threadIdx.x; idx < padded_rows * kChunk; idx += blockDim.x) {
+    const int row = idx / kChunk, kk = idx % kChunk;
+    float x = 0.f;
+    if (row < valid_rows && kk < kc) x = static_cast<float>(rows[int64_t(row) * D + k0 + kk]);
+    chunk[kk * stride + row] = x;
+  }
+}
+
+// dist[j * dist_stride + i] for j < L, i < N, one item; all threads of the block take part.
+// smem holds plan.chunk_floats floats. Ends with __syncthreads().
+template <typename scalar_t, Metric M>
+__device__ void block_distances(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target, int L,
+                                int N, int D, int stride, int dist_stride, float* smem, float* dist) {
+  float* t_chunk = smem;
+  float* p_chunk = smem + kChunk * stride;
+  float* t_norm = smem + 2 * kChunk * stride;  // cosine: running sums of squares, then norms
+  float* p_norm = t_norm + stride;
+  const int tiles_i = (N + kTile - 1) / kTile, tiles_j = (L + kTile - 1) / kTile;
+  const int num_tiles = tiles_i * tiles_j;
+  const int padded_l = tiles_j * kTile, padded_n = tiles_i * kTile;
+  for (int first = 0; first < num_tiles; first += blockDim.x) {
+    const int tile = first + threadIdx.x;
+    const bool active = tile < num_tiles;
+    const int j0 = active ? (tile / tiles_i) * kTile : 0;
+    const int i0 = active ? (tile % tiles_i) * kTile : 0;
+    const bool norms = M == Metric::Cosine && first == 0;  // the norms are computed in the first pass only
+    if (norms)
+      for (int r = threadIdx.x; r < L + N; r += blockDim.x) (r < L ? t_norm[r] : p_norm[r - L]) = 0.f;
+    float acc[kTile][kTile];
+#pragma unroll
+    for (int r = 0; r < kTile; ++r)
+#pragma unroll
+      for (int q = 0; q < kTile; ++q) acc[r][q] = 0.f;
+    for (int k0 = 0; k0 < D; k0 += kChunk) {
+      const int kc = min(kChunk, D - k0);
+      __syncthreads();  // the previous chunk is consumed
+      stage_rows(t_chunk, target, L, padded_l, D, k0, kc, stride);
+      stage_rows(p_chunk, pred, N, padded_n, D, k0, kc, stride);
+      __syncthreads();
+      if (norms) {
+        for (int r = threadIdx.x; r < L + N; r += blockDim.x) {
+          const float* column = r < L ? t_chunk + r : p_chunk + (r - L);
+          float& slot = r < L ? t_norm[r] : p_norm[r - L];
+          float sum = slot;
+          for (int kk = 0; kk < kc; ++kk) {
+            const float x = column[kk * stride];
+            sum = __fadd_rn(sum, __fmul_rn(x, x));
+          }
+          slot = sum;
+        }
+      }
+      if (active) {
+        if (kc == kChunk) {
+#pragma unroll
+          for (int kk = 0; kk < kChunk; ++kk) tile_step<M>(acc, t_chunk, p_chunk, stride, kk, j0, i0);
+        } else {
+          for (int kk = 0; kk < kc; ++kk) tile_step<M>(acc, t_chunk, p_chunk, stride, kk, j0, i0);
+        }
+      }
+    }
+    if (M == Metric::Cosine) {
+      __syncthreads();  // every norm is complete
+      if (norms)
+        for (int r = threadIdx.x; r < L + N; r += blockDim.x) {
+          float& slot = r < L ? t_norm[r] : p_norm[r - L];
+          slot = __fsqrt_rn(slot);
+        }
+      __syncthreads();
+    }
+    if (active) {
+#pragma unroll
+      for (int r = 0; r < kTile; ++r)
+#pragma unroll
+        for (int q = 0; q < kTile; ++q) {
+          const int j = j0 + r, i = i0 + q;
+          if (j < L && i < N) {
+            float value = acc[r][q];
+            if (M == Metric::Cosine) {
+              const float norms_product = __fmul_rn(t_norm[j], p_norm[i]);
+              const float denom = norms_product > kCosineEps ? norms_product : kCosineEps;
+              value = __fsub_rn(1.f, __fdiv_rn(value, denom));
+            }
+            dist[j * dist_stride + i] = value;
+          }
+        }
+    }
+  }
+  __syncthreads();
+}
+
+template <typename Launch>
+inline void dispatch_dtype_metric(at::ScalarType dtype, Metric metric, Launch launch) {
+  auto with_metric = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    switch (metric) {
+      case Metric::L1: launch(scalar_t{}, std::integral_constant<Metric, Metric::L1>{}); break;
+      case Metric::L2: launch(scalar_t{}, std::integral_constant<Metric, Metric::L2>{}); break;
+      case Metric::Cosine: launch(scalar_t{}, std::integral_constant<Metric, Metric::Cosine>{}); break;
+    }
+  };
+  switch (dtype) {
+    case at::kFloat: with_metric(float{}); break;
+    case at::kHalf: with_metric(at::Half{}); break;
+    case at::kBFloat16: with_metric(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "collat matching: unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace cuda
+}  // namespace collat

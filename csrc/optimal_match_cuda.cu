@@ -1,0 +1,202 @@
+// CUDA kernel of collat::optimal_match: one block per batch item computes the [L, N] distance
+// matrix (matching_cuda.h), then its first warp solves the rectangular assignment exactly with
+// shortest augmenting paths (Crouse 2016, as scipy's linear_sum_assignment), potentials in double.
+// Rows are added one at a time; each Dijkstra step scans the unfinished columns in parallel (lane
+// c % 32 owns column c and its path cost) and picks the minimum by (path cost, assigned column last,
+// smaller column) with warp shuffles: the same rule and the same double arithmetic as the CPU
+// solver (optimal_match.cpp), so both backends return the same perm.
+#include <cfloat>
+
+#include "matching_cuda.h"
+
+namespace collat {
+namespace cuda {
+namespace {
+
+constexpr int kAssignedFlag = 1 << 20;  // above every column index (N <= kMaxN)
+
+__device__ __forceinline__ double solver_cost(float x) {
+  if (x != x) return FLT_MAX;  // NaN: worst finite cost keeps the problem feasible
+  return x > FLT_MAX ? FLT_MAX : (x < -FLT_MAX ? -FLT_MAX : x);
+}
+
+// Unsigned integers that order like the doubles (-0 taken as +0, so that it ties with +0).
+__device__ __forceinline__ unsigned long long ordered_bits(double x) {
+  const unsigned long long bits = static_cast<unsigned long long>(__double_as_longlong(__dadd_rn(x, 0.0)));
+  return (bits >> 63) ? ~bits : (bits | (1ull << 63));
+}
+
+__device__ __forceinline__ double from_ordered_bits(unsigned long long ordered) {
+  const unsigned long long bits = (ordered >> 63) ? (ordered & ~(1ull << 63)) : ~ordered;
+  return __longlong_as_double(static_cast<long long>(bits));
+}
+
+struct SolverState {
+  double* u;          // [L] row potentials
+  double* v;          // [N] column potentials
+  double* path_cost;  // [N] shortest path cost to each column in the current search
+  int* path;          // [N] row preceding each column on its shortest path
+  int* row4col;       // [N] row assigned to each column, -1 if none
+  int* col4row;       // [L] column assigned to each row
+  unsigned char* row_seen;  // [L]
+  unsigned char* col_done;  // [N]
+};
+
+inline size_t solver_bytes(int N) {
+  const size_t n = size_t(round_up_int(N, kTile));
+  return n * (3 * sizeof(double) + 3 * sizeof(int) + 2) + 16;
+}
+
+__device__ SolverState carve_solver(void* base, int N) {
+  const int n = round_up_int(N, kTile);
+  SolverState s;
+  s.u = reinterpret_cast<double*>(base);
+  s.v = s.u + n;
+  s.path_cost = s.v + n;
+  s.path = reinterpret_cast<int*>(s.path_cost + n);
+  s.row4col = s.path + n;
+  s.col4row = s.row4col + n;
+  s.row_seen = reinterpret_cast<unsigned char*>(s.col4row + n);
+  s.col_done = s.row_seen + n;
+  return s;
+}
+
+__device__ void warp_assignment(const float* dist, int dist_stride, int L, int N, SolverState s, int64_t* out) {
+  const int lane = threadIdx.x % kWarp;
+  const double inf = __longlong_as_double(0x7ff0000000000000LL);
+  for (int c = lane; c < N; c += kWarp) {
+    s.v[c] = 0.0;
+    s.row4col[c] = -1;
+    s.path[c] = -1;
+  }
+  for (int r = lane; r < L; r += kWarp) {
+    s.u[r] = 0.0;
+    s.col4row[r] = -1;
+  }
+  for (int cur = 0; cur < L; ++cur) {
+    for (int c = lane; c < N; c += kWarp) {
+      s.path_cost[c] = inf;
+      s.col_done[c] = 0;
+    }
+    for (int r = lane; r < L; r += kWarp) s.row_seen[r] = 0;
+    __syncwarp();
+    double min_value = 0.0;
+    int i = cur, sink = -1;
+    while (sink < 0) {
+      if (lane == 0) s.row_seen[i] = 1;
+      const double u_i = s.u[i];
+      const float* row = dist + i * dist_stride;
+      double lowest = inf;
+      int lowest_key = 0x7fffffff;
+      for (int c = lane; c < N; c += kWarp) {  // a lane only touches its own columns here
+        if (s.col_done[c]) continue;
+        const double reduced = __dsub_rn(__dsub_rn(__dadd_rn(min_value, solver_cost(row[c])), u_i), s.v[c]);
+        double cost = s.path_cost[c];
+        if (reduced < cost) {
+          s.path[c] = i;
+          s.path_cost[c] = reduced;
+          cost = reduced;
+        }
+        const int key = (s.row4col[c] >= 0 ? kAssignedFlag : 0) | c;
+        if (cost < lowest || (cost == lowest && key < lowest_key)) {
+          lowest = cost;
+          lowest_key = key;
+        }
+      }
+      // Lexicographic warp min of (cost, key) in three 32-bit reductions (redux.sync) over the
+      // cost's order-preserving bits (high word, low word), then the key.
+      const unsigned long long ordered = ordered_bits(lowest);
+      const unsigned high = unsigned(ordered >> 32), low = unsigned(ordered);
+      const unsigned best_high = __reduce_min_sync(0xffffffffu, high);
+      const unsigned best_low = __reduce_min_sync(0xffffffffu, high == best_high ? low : 0xffffffffu);
+      const bool holds_min = high == best_high && low == best_low;
+      const int best_key = int(__reduce_min_sync(0xffffffffu, holds_min ? unsigned(lowest_key) : 0xffffffffu));
+      min_value = from_ordered_bits((static_cast<unsigned long long>(best_high) << 32) | best_low);
+      const int chosen = best_key & (kAssignedFlag - 1);
+      if (chosen % kWarp == lane) s.col_done[chosen] = 1;
+      const int owner = s.row4col[chosen];
+      if (owner < 0)
+        sink = chosen;
+      else
+        i = owner;
+    }
+    __syncwarp();  // path costs, paths and done flags written by their lanes are visible to all
+    for (int r = lane; r < L; r += kWarp) {
+      if (r == cur)
+        s.u[r] = __dadd_rn(s.u[r], min_value);
+      else if (s.row_seen[r])
+        s.u[r] = __dadd_rn(s.u[r], __dsub_rn(min_value, s.path_cost[s.col4row[r]]));
+    }
+    for (int c = lane; c < N; c += kWarp)
+      if (s.col_done[c]) s.v[c] = __dsub_rn(s.v[c], __dsub_rn(min_value, s.path_cost[c]));
+    __syncwarp();
+    if (lane == 0) {
+      for (int c = sink;;) {
+        const int r = s.path[c];
+        s.row4col[c] = r;
+        const int previous = s.col4row[r];
+        s.col4row[r] = c;
+        c = previous;
+        if (r == cur) break;
+      }
+    }
+    __syncwarp();
+  }
+  for (int r = lane; r < L; r += kWarp) out[r] = s.col4row[r];
+}
+
+template <typename scalar_t, Metric M>
+__global__ void __launch_bounds__(1024)
+    optimal_match_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
+                         const int64_t* __restrict__ lengths, int64_t* __restrict__ perm, int N, int D, int stride,
+                         int dist_stride, int chunk_floats, float* __restrict__ dist_scratch) {
+  extern __shared__ float4 smem_raw[];
+  float* smem = reinterpret_cast<float*>(smem_raw);
+  const int64_t b = blockIdx.x;
+  const int L = clamp_length(lengths[b], N);
+  int64_t* out = perm + b * N;
+  for (int j = L + threadIdx.x; j < N; j += blockDim.x) out[j] = -1;
+  if (L == 0) return;
+  float* dist = dist_scratch ? dist_scratch + b * N * dist_stride : smem + chunk_floats;
+  float* solver_base = smem + chunk_floats + (dist_scratch ? 0 : N * dist_stride);
+  block_distances<scalar_t, M>(pred + b * N * D, target + b * N * D, L, N, D, stride, dist_stride, smem, dist);
+  if (threadIdx.x < kWarp) warp_assignment(dist, dist_stride, L, N, carve_solver(solver_base, N), out);
+}
+
+at::Tensor optimal_match_cuda(const at::Tensor& pred_in, const at::Tensor& target_in, const at::Tensor& lengths_in,
+                              c10::string_view metric_name) {
+  check_match_inputs("optimal_match", pred_in, target_in, lengths_in);
+  const Metric metric = parse_metric(std::string(metric_name));
+  TORCH_CHECK(pred_in.size(1) <= kMaxN, "optimal_match: the CUDA kernel supports N <= ", kMaxN, ", got N = ",
+              pred_in.size(1));
+  TORCH_CHECK(pred_in.size(0) < (int64_t(1) << 31), "optimal_match: B must be < 2^31, got ", pred_in.size(0));
+  const c10::cuda::CUDAGuard guard(pred_in.device());
+  const at::Tensor pred = pred_in.contiguous(), target = target_in.contiguous();
+  const at::Tensor lengths = lengths_in.to(at::kLong).contiguous();
+  const int64_t B = pred.size(0), N = pred.size(1), D = pred.size(2);
+  at::Tensor perm = at::empty({B, N}, pred.options().dtype(at::kLong));
+  if (B == 0 || N == 0) return perm;
+  const Plan plan = make_plan(int(N), solver_bytes(int(N)));
+  at::Tensor scratch;
+  if (!plan.dist_in_smem) scratch = at::empty({B, N, plan.dist_stride}, pred.options().dtype(at::kFloat));
+  float* scratch_ptr = plan.dist_in_smem ? nullptr : scratch.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype_metric(pred.scalar_type(), metric, [&](auto scalar_tag, auto metric_tag) {
+    using scalar_t = decltype(scalar_tag);
+    constexpr Metric M = decltype(metric_tag)::value;
+    auto kernel = optimal_match_kernel<scalar_t, M>;
+    allow_smem(kernel, plan.smem_bytes);
+    kernel<<<dim3(unsigned(B)), plan.threads, plan.smem_bytes, stream>>>(
+        pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(),
+        perm.data_ptr<int64_t>(), int(N), int(D), plan.stride, plan.dist_stride, plan.chunk_floats, scratch_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return perm;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(collat, CUDA, m) { m.impl("optimal_match", &cuda::optimal_match_cuda); }
+
+}  // namespace collat
