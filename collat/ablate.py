@@ -1,0 +1,217 @@
+"""`python -m collat.ablate`: the paper's loss ablation (Table 3a) on the embedded soundfont data.
+
+Rows, each trained from the same initialisation (same seed) for the same number of steps on the same
+batches, then evaluated on the same clips:
+  untrained   no training (the floor)
+  full        L = lambda_ct L_ct + lambda_cg L_cg + lambda_ut L_ut (the training preset's weights)
+  no-ct       without L_ct (lambda_ct = 0)
+  no-ut       without L_ut (lambda_ut = 0; the noisy twin pass is skipped, so its steps are cheaper)
+  no-cg       without L_cg (lambda_cg = 0)
+  optimal     the full objective with optimal (Hungarian) instead of greedy token matching
+Columns: zero-shot top-1 on single-source clips of the 30 seen classes (the ESC-50 analogue) and
+macro mAP on 2-3-source mixtures (the FSD50K analogue), each clean and with Gaussian noise of std 0.1
+on the waveform and on the normalised fbank (see collat.evaluate).
+
+The paper's direction to check: removing L_ct hurts multi-label mAP most, removing L_ut hurts noisy
+audio most. On the CPU budget the differences between rows can be within run-to-run noise: rerun
+with another --seed before drawing conclusions.
+
+Cost (the "cpu" training preset: tiny AST, MiniLM, 4 blocks, 4 s clips): DESIGN.md measured ~1.9 s
+per step at batch 32 on 2 idle cores, so the default --steps 100 is ~3 min of training per row and
+~20 min for the five trained rows, plus ~1 min of evaluation per row at --eval-size 100 (on a busy
+shared CPU we saw ~8 s per step at batch 16). Rows without L_ut skip the noisy pass and are cheaper.
+On a GPU machine, --num-workers renders the training clips in parallel (not measured here).
+
+Writes OUT/ablation.md (table), OUT/ablation.json and OUT/ablation.png (bar plot), atomically; each
+row's run directory (checkpoint, log.jsonl, losses.png) is OUT/<row>/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+from collat import evaluate
+
+ROWS = {
+    "full": {},
+    "no-ct": {"lambda_ct": 0.0},
+    "no-ut": {"lambda_ut": 0.0},
+    "no-cg": {"lambda_cg": 0.0},
+    "optimal": {"matching": "optimal"},
+}
+UNTRAINED = "untrained"
+SETS = ("soundfont/seen-single", "soundfont/seen-mixture")
+COLUMNS = [("soundfont/seen-single", "zero-shot/top1", "single top-1"),
+           ("soundfont/seen-mixture", "zero-shot/mAP", "mixture mAP")]
+CONDITIONS = ("clean", "noisy-waveform", "noisy-fbank")
+
+
+def row_configs(preset: str, rows: list[str]):
+    """(name, CoLLATConfig, overrides) per row, from the collat.train preset."""
+    from collat.train import PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    make_model, _ = PRESETS[preset]
+    out = []
+    for name in rows:
+        if name == UNTRAINED:
+            out.append((name, make_model(), {}))
+            continue
+        if name not in ROWS:
+            raise ValueError(f"unknown ablation row {name!r}; rows are {[UNTRAINED] + list(ROWS)}")
+        config = dataclasses.replace(make_model(), **ROWS[name])
+        config.validate()
+        out.append((name, config, ROWS[name]))
+    return out
+
+
+def evaluation_sets(clip_seconds: float, eval_size: int, seed: int) -> list:
+    sets = evaluate.embedded_sets(clip_seconds, test_size=eval_size, train_size=0, seed=seed, probe=False)
+    return [s for s in sets if s.name in SETS]
+
+
+def train_row(name: str, model_config, args, row_dir: str) -> tuple[object, dict]:
+    """Train one row with the shared budget and seed; returns (model, the run's result dict)."""
+    from collat.model import CoLLAT
+    from collat.train import PRESETS
+
+    _, make_train = PRESETS[args.preset]
+    train_config = dataclasses.replace(
+        make_train(), steps=args.steps, batch_size=args.batch_size,
+        seed=args.seed, data_seed=args.seed, out=row_dir, evaluate=False, save_every=max(args.steps, 1),
+        progress=args.progress, device=args.device, train_size=max(args.train_size, args.batch_size),
+        num_workers=args.num_workers,
+    )
+    if name == UNTRAINED:
+        torch.manual_seed(args.seed)  # the same initialisation every trained row starts from
+        return CoLLAT(model_config).to(evaluate.resolve_device(args.device)).eval(), {"status": "untrained", "step": 0}
+    from collat.train import run
+
+    result = run(model_config, train_config)
+    if result.get("status") != "completed":
+        raise RuntimeError(f"row {name}: training ended with status {result.get('status')!r}")
+    return evaluate.load_model(row_dir, evaluate.resolve_device(args.device)), result
+
+
+def format_markdown(rows: list[dict], args, chance: float | None = None) -> str:
+    header = ["row", "L_ct", "L_cg", "L_ut", "matching"]
+    header += [f"{label} {condition}" for _, _, label in COLUMNS for condition in CONDITIONS]
+    header += ["train s"]
+    lines = [f"Loss ablation (paper Table 3a) on the embedded soundfont data: preset {args.preset}, "
+             f"{args.steps} steps of batch {args.batch_size}, seed {args.seed}, {args.eval_size} clips per set, "
+             f"noise std {args.noise_std}." + (f" Chance single top-1: {chance:.3f}." if chance else ""), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * (len(header) - 5)]
+    for row in rows:
+        cfg = row["config"]
+        cells = [row["name"], f"{cfg['lambda_ct']:g}", f"{cfg['lambda_cg']:g}", f"{cfg['lambda_ut']:g}", cfg["matching"]]
+        for set_name, metric, _ in COLUMNS:
+            for condition in CONDITIONS:
+                value = row["results"].get(set_name, {}).get(condition, {}).get(metric)
+                cells.append("-" if value is None else f"{value:.3f}")
+        cells.append(f"{row['train_seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(6 * len(COLUMNS), 4), squeeze=False)
+    width = 0.8 / max(len(rows), 1)
+    for ax, (set_name, metric, label) in zip(axes[0], COLUMNS):
+        for r, row in enumerate(rows):
+            values = [row["results"].get(set_name, {}).get(c, {}).get(metric, float("nan")) for c in CONDITIONS]
+            ax.bar([c + (r - (len(rows) - 1) / 2) * width for c in range(len(CONDITIONS))], values, width,
+                   label=row["name"])
+        ax.set_xticks(range(len(CONDITIONS)), CONDITIONS)
+        ax.set_title(label)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    evaluate.atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], args, complete: bool, chance: float | None = None) -> str:
+    table = format_markdown(rows, args, chance)
+    if not complete:
+        table += f"\n(partial: {len(rows)} row(s) done so far)\n"
+    payload = {"args": vars(args), "complete": complete, "columns": [c[:2] for c in COLUMNS],
+               "conditions": CONDITIONS, "rows": rows, "definitions": evaluate.DEFINITIONS}
+    evaluate.atomic_write_text(os.path.join(args.out, "ablation.json"), json.dumps(payload, indent=2))
+    evaluate.atomic_write_text(os.path.join(args.out, "ablation.md"), table)
+    plot(rows, os.path.join(args.out, "ablation.png"))
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m collat.ablate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--steps", type=int, default=100, help="training steps per row (same for every row)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="model init, batch order and data seed of every row")
+    p.add_argument("--rows", default=",".join([UNTRAINED] + list(ROWS)),
+                   help=f"comma list of {','.join([UNTRAINED] + list(ROWS))}")
+    p.add_argument("--preset", default="cpu", help="collat.train preset the rows start from (cpu | paper)")
+    p.add_argument("--train-size", type=int, default=8192, help="clips in the training split")
+    p.add_argument("--eval-size", type=int, default=100, help="clips per evaluation set")
+    p.add_argument("--noise-std", type=float, default=0.1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers rendering training clips")
+    p.add_argument("--out", default="runs/ablate")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.steps < 1 or args.batch_size < 1 or args.eval_size < 1:
+            raise ValueError(f"--steps, --batch-size and --eval-size must be >= 1, got {args.steps}, "
+                             f"{args.batch_size}, {args.eval_size}")
+        names = [n.strip() for n in args.rows.split(",") if n.strip()]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"--rows must list distinct rows, got {args.rows!r}")
+        configs = row_configs(args.preset, names)
+        clip_seconds = configs[0][1].clip_seconds
+        sets = evaluation_sets(clip_seconds, args.eval_size, args.seed)
+        options = evaluate.EvalOptions(tasks=("zero-shot", "noisy"), probes=(), noise_std=args.noise_std,
+                                       noise_seed=args.seed)
+        rows = []
+        for name, config, overrides in configs:
+            print(f"== {name}: {overrides or 'preset defaults'}", flush=True)
+            start = time.perf_counter()
+            model, result = train_row(name, config, args, os.path.join(args.out, name))
+            seconds = time.perf_counter() - start
+            evaluated = evaluate.run_evaluation(model, sets, options)
+            rows.append({
+                "name": name, "config": dataclasses.asdict(config), "train_seconds": seconds,
+                "train": {k: result.get(k) for k in ("status", "step", "last")},
+                "results": {s: v["conditions"] for s, v in evaluated["sets"].items()},
+                "notes": {s: v["notes"] for s, v in evaluated["sets"].items() if v["notes"]},
+            })
+            del model
+            # Rewritten after every row, so an interrupted ablation keeps the rows it finished.
+            table = write_outputs(rows, args, complete=len(rows) == len(configs), chance=1 / len(sets[0].class_names))
+    except (FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError) as error:
+        print(f"collat.ablate: error: {error}", file=sys.stderr)
+        return 1
+    print("\n" + table)
+    print(f"written: {os.path.join(args.out, 'ablation.md')}, ablation.json, ablation.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""`python -m collat.predict FILE... --model DIR --labels a b c`: zero-shot ranking of labels per file.
+
+Each file is read with soundfile (WAV/FLAC/OGG; resampled to 16 kHz, mixed to mono) and scored
+against the prompts "This is a sound of {label}":
+- single-label (default): softmax over the labels of exp(t) * cosine, i.e. probabilities summing to 1;
+- --multi-label: the cosine similarity of each label on its own (labels do not compete).
+A file longer than the model's clip length is cut into consecutive windows of that length (a last
+piece shorter than half a window is dropped unless it is the only one) and the window scores are
+averaged (--long-audio windows, the default); --long-audio crop keeps the first window only, and
+--long-audio error refuses such files. Files shorter than --min-seconds or longer than
+--max-seconds are refused.
+
+Exit status: 0 when every file was scored; 1 when any file could not be (the others are still
+printed) or when the labels, the model or the options are wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+EXIT_ERROR = 1
+LONG_AUDIO = ("windows", "crop", "error")
+
+
+def read_labels(labels: list[str] | None, labels_file: str | None) -> list[str]:
+    """The label list from --labels and/or --labels-file (one per line); checked for blanks and duplicates."""
+    names = list(labels or [])
+    if labels_file is not None:
+        if not os.path.isfile(labels_file):
+            raise FileNotFoundError(f"--labels-file not found: {labels_file}")
+        with open(labels_file, encoding="utf-8") as handle:
+            names += [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise ValueError("no labels given: pass --labels a b c (or --labels-file FILE with one label per line)")
+    blank = [i for i, name in enumerate(names) if not name.strip()]
+    if blank:
+        raise ValueError(f"labels must be non-empty text; label #{blank[0] + 1} is blank")
+    names = [name.strip() for name in names]
+    seen, duplicates = set(), []
+    for name in names:
+        if name.lower() in seen:
+            duplicates.append(name)
+        seen.add(name.lower())
+    if duplicates:
+        raise ValueError(f"duplicate labels (compared case-insensitively): {sorted(set(duplicates))}")
+    return names
+
+
+def check_labels_fit(model, labels: list[str]) -> None:
+    """Refuse a label whose prompt would be cut by the text encoder's context length."""
+    from collat.model import make_prompt
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for label in labels:
+            model.text.tokenize([make_prompt([label])])
+            if any("truncated" in str(w.message) for w in caught):
+                raise ValueError(
+                    f"label {label!r} is too long: its prompt does not fit the model's text context of "
+                    f"{model.context_length} tokens"
+                )
+
+
+def split_windows(wave: torch.Tensor, window: int, mode: str) -> list[torch.Tensor]:
+    """Consecutive windows of `window` samples (see the module docstring for the rules)."""
+    if mode not in LONG_AUDIO:
+        raise ValueError(f"long-audio mode must be one of {LONG_AUDIO}, got {mode!r}")
+    if wave.shape[0] <= window or mode == "crop":
+        return [wave[:window]]
+    pieces = [wave[start : start + window] for start in range(0, wave.shape[0], window)]
+    if len(pieces) > 1 and pieces[-1].shape[0] < window // 2:
+        pieces = pieces[:-1]
+    return pieces
+
+
+def load_clips(paths: list[str], sample_rate: int, clip_seconds: float, min_seconds: float, max_seconds: float,
+               long_audio: str):
+    """Read every file; returns (clips, errors): clips are (path, seconds, windows), errors (path, message)."""
+    from collat.data.audio_io import AudioReadError, load_audio
+
+    window = int(round(clip_seconds * sample_rate))
+    clips, errors = [], []
+    for path in paths:
+        try:
+            wave = load_audio(path, sample_rate)
+        except AudioReadError as error:
+            errors.append((path, f"cannot read audio: {error.reason}"))
+            continue
+        seconds = wave.shape[0] / sample_rate
+        if seconds < min_seconds:
+            errors.append((path, f"audio too short: {seconds:.3f} s, need at least {min_seconds} s (--min-seconds)"))
+        elif seconds > max_seconds:
+            errors.append((path, f"audio too long: {seconds:.1f} s, the limit is {max_seconds} s (--max-seconds)"))
+        elif seconds > clip_seconds and long_audio == "error":
+            errors.append((path, f"audio longer than the model's {clip_seconds} s clips ({seconds:.1f} s); "
+                                 "use --long-audio windows or crop"))
+        else:
+            clips.append((path, seconds, split_windows(wave, window, long_audio)))
+    return clips, errors
+
+
+def predict(model, clips, labels: list[str], multi_label: bool, batch_size: int = 32) -> list[torch.Tensor]:
+    """Scores [C] per clip: model.zero_shot over every window, averaged over the clip's windows."""
+    windows = [w for _, _, pieces in clips for w in pieces]
+    if not windows:
+        return []
+    scores = model.zero_shot(windows, labels, multi_label=multi_label, batch_size=batch_size).cpu()
+    out, start = [], 0
+    for _, _, pieces in clips:
+        out.append(scores[start : start + len(pieces)].mean(0))
+        start += len(pieces)
+    return out
+
+
+def format_ranking(path: str, scores: torch.Tensor, labels: list[str], top_k: int, windows: int) -> str:
+    order = torch.argsort(scores, descending=True, stable=True)[:top_k].tolist()
+    width = max(len(labels[i]) for i in order)
+    header = path + (f"  ({windows} windows averaged)" if windows > 1 else "")
+    return "\n".join([header] + [f"  {rank:>2}. {labels[i]:<{width}}  {scores[i].item():.4f}"
+                                 for rank, i in enumerate(order, start=1)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m collat.predict", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV, FLAC, OGG, ...)")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="candidate labels (quote multi-word labels)")
+    p.add_argument("--labels-file", help="file with one label per line (added to --labels)")
+    p.add_argument("--multi-label", action="store_true", help="score labels independently (cosine) instead of softmax")
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per file (default 5; all if fewer)")
+    p.add_argument("--long-audio", choices=LONG_AUDIO, default="windows")
+    p.add_argument("--min-seconds", type=float, default=0.1)
+    p.add_argument("--max-seconds", type=float, default=600.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the ranking table")
+    p.add_argument("--out", help="also write the JSON to this file (atomically)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"collat.predict: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+    try:
+        labels = read_labels(args.labels, args.labels_file)
+        if args.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if not 0 < args.min_seconds <= args.max_seconds:
+            raise ValueError(f"need 0 < --min-seconds <= --max-seconds, got {args.min_seconds} and {args.max_seconds}")
+        if not os.path.exists(args.model):
+            raise FileNotFoundError(f"model checkpoint not found: {args.model}")
+        from collat.evaluate import atomic_write_text, load_model, resolve_device
+
+        model = load_model(args.model, resolve_device(args.device))
+        check_labels_fit(model, labels)
+        min_seconds = max(args.min_seconds, model.frontend.min_samples / model.frontend.sample_rate)
+        clips, errors = load_clips(args.files, model.frontend.sample_rate, model.config.clip_seconds, min_seconds,
+                                   args.max_seconds, args.long_audio)
+        scores = predict(model, clips, labels, args.multi_label, args.batch_size)
+    except (FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError) as error:
+        return fail(str(error))
+
+    top_k = min(args.top_k, len(labels))
+    payload = {
+        "model": os.path.abspath(args.model),
+        "labels": labels,
+        "multi_label": args.multi_label,
+        "score": "cosine" if args.multi_label else "softmax probability",
+        "predictions": [
+            {"file": path, "seconds": round(seconds, 3), "windows": len(pieces),
+             "ranking": [{"label": labels[i], "score": float(s[i])}
+                         for i in torch.argsort(s, descending=True, stable=True)[:top_k].tolist()]}
+            for (path, seconds, pieces), s in zip(clips, scores)
+        ],
+        "errors": [{"file": path, "error": message} for path, message in errors],
+    }
+    if args.out:
+        try:
+            atomic_write_text(args.out, json.dumps(payload, indent=2))
+        except OSError as error:
+            return fail(f"cannot write --out {args.out}: {error}")
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print("\n\n".join(format_ranking(path, s, labels, top_k, len(pieces))
+                          for (path, _, pieces), s in zip(clips, scores)))
+    for path, message in errors:
+        print(f"collat.predict: error: {path}: {message}", file=sys.stderr)
+    return EXIT_ERROR if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""collat.predict: label checks, windows, the CLI end to end on a tiny untrained model, error exits."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from collat import predict
+
+TINY = dict(audio_size="tiny", interaction_depth=1, interaction_heads=4, clip_seconds=1.0, context_length=16)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny untrained CoLLAT saved once per test session (test_evaluate builds the same one)."""
+    path = tmp_path_factory.getbasetemp() / "tiny-collat"
+    if not (path / "config.json").exists():
+        from collat.model import CoLLAT, CoLLATConfig
+
+        torch.manual_seed(0)
+        CoLLAT(CoLLATConfig(**TINY)).save_pretrained(str(path))
+    return path
+
+
+def _wav(path, seconds, seed=0, rate=16000):
+    wave = 0.2 * np.random.default_rng(seed).standard_normal(int(seconds * rate)).astype(np.float32)
+    soundfile.write(path, wave, rate)
+    return str(path)
+
+
+def test_read_labels(tmp_path):
+    assert predict.read_labels(["dog", " cat "], None) == ["dog", "cat"]
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("# classes\nviolin\n\nsnare drum\n")
+    assert predict.read_labels(["dog"], str(labels_file)) == ["dog", "violin", "snare drum"]
+    with pytest.raises(ValueError, match="no labels given"):
+        predict.read_labels([], None)
+    with pytest.raises(ValueError, match="blank"):
+        predict.read_labels(["dog", "  "], None)
+    with pytest.raises(ValueError, match="duplicate labels"):
+        predict.read_labels(["Dog", "cat", "dog"], None)
+    with pytest.raises(FileNotFoundError, match="--labels-file"):
+        predict.read_labels(None, str(tmp_path / "missing.txt"))
+
+
+def test_split_windows():
+    wave = torch.arange(26)
+    assert [len(w) for w in predict.split_windows(wave, 10, "windows")] == [10, 10, 6]
+    assert [len(w) for w in predict.split_windows(wave[:24], 10, "windows")] == [10, 10]  # 4 < 10 // 2 dropped
+    assert [len(w) for w in predict.split_windows(wave[:4], 10, "windows")] == [4]
+    assert [len(w) for w in predict.split_windows(wave, 10, "crop")] == [10]
+    assert torch.equal(predict.split_windows(wave, 10, "windows")[1], torch.arange(10, 20))
+
+
+def test_cli_ranks_labels_and_reports_bad_files(model_dir, tmp_path, capsys):
+    good = _wav(tmp_path / "one.wav", 1.0)
+    long = _wav(tmp_path / "long.flac", 2.6, seed=1)  # 1 s model clips: windows of 1, 1 and 0.6 s
+    short = _wav(tmp_path / "short.wav", 0.05)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"not audio at all")
+    out = tmp_path / "pred.json"
+    labels = ["violin", "dog barking", "snare drum"]
+    code = predict.main([good, long, short, str(broken), str(tmp_path / "absent.wav"), "--model", str(model_dir),
+                         "--labels", *labels, "--json", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1  # some files failed; the others are still scored
+    payload = json.loads(captured.out)
+    assert json.loads(out.read_text()) == payload
+    assert [p["file"] for p in payload["predictions"]] == [good, long]
+    assert [p["windows"] for p in payload["predictions"]] == [1, 3]
+    for prediction in payload["predictions"]:
+        scores = [r["score"] for r in prediction["ranking"]]
+        assert sorted(r["label"] for r in prediction["ranking"]) == sorted(labels)
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-5)
+    errors = {os.path.basename(e["file"]): e["error"] for e in payload["errors"]}
+    assert "too short" in errors["short.wav"]
+    assert "cannot read audio" in errors["broken.wav"] and "no such file" in errors["absent.wav"]
+    assert "short.wav" in captured.err
+
+
+def test_cli_multi_label_scores_are_the_models_cosines(model_dir, tmp_path, capsys):
+    path = _wav(tmp_path / "one.wav", 0.8, seed=2)
+    labels = ["violin", "dog barking"]
+    assert predict.main([path, "--model", str(model_dir), "--labels", *labels, "--multi-label", "--top-k", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(path) and len(text.strip().splitlines()) == 2
+
+    from collat.evaluate import load_model
+
+    model = load_model(model_dir)
+    expected = model.zero_shot([torch.from_numpy(soundfile.read(path, dtype="float32")[0])], labels, multi_label=True)[0]
+    best = int(expected.argmax())
+    assert labels[best] in text and f"{expected[best].item():.4f}" in text
+
+
+def test_cli_rejects_bad_labels_and_checkpoints(model_dir, tmp_path, capsys):
+    path = _wav(tmp_path / "one.wav", 1.0)
+    out = tmp_path / "pred.json"
+    assert predict.main([path, "--model", str(model_dir), "--out", str(out)]) == 1
+    assert "no labels given" in capsys.readouterr().err
+    assert predict.main([path, "--model", str(model_dir), "--labels", "dog", "dog", "--out", str(out)]) == 1
+    assert "duplicate" in capsys.readouterr().err
+    too_long = " ".join(["very"] * 30) + " loud dog"
+    assert predict.main([path, "--model", str(model_dir), "--labels", "cat", too_long, "--out", str(out)]) == 1
+    assert "too long" in capsys.readouterr().err
+    assert predict.main([path, "--model", str(tmp_path / "nope"), "--labels", "dog", "--out", str(out)]) == 1
+    assert "not found" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    config["format_version"] = 2
+    (other / "config.json").write_text(json.dumps(config))
+    assert predict.main([path, "--model", str(other), "--labels", "dog", "--out", str(out)]) == 1
+    assert "format version 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_process_exit_code_for_a_missing_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "collat.predict", "x.wav", "--model", str(tmp_path / "nope"), "--labels", "dog"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "model checkpoint not found" in result.stderr and result.stdout == ""
