@@ -1,0 +1,122 @@
+"""The three CoLLAT losses (paper section 3.2-3.4, DESIGN.md section 2).
+
+L_ct  cross-modal token loss: match predicted tokens to text tokens (greedy right-to-left, or
+      optimal), then the mean L1 distance of the matched pairs. The matching is not differentiated.
+L_cg  global contrastive loss: symmetric cross-entropy over exp(t) * z_a z_t^T with a learnable,
+      clamped temperature; features are gathered across ranks exactly as open_clip's ClipLoss does.
+L_ut  unimodal token loss: mean |h_at - h~_at| over all elements, h~_at from noisy audio.
+
+`ops` selects the implementation of the matching and the token L1 loss: "fused" (collat.ops: C++/CUDA
+matching and the Triton loss, each with its own fallback) or "reference" (collat.reference).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from collat import ops as fused_ops
+from collat import reference as reference_ops
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+MATCHINGS = ("greedy", "optimal")
+
+
+def op_set(mode: str):
+    if mode == "fused":
+        return fused_ops
+    if mode == "reference":
+        return reference_ops
+    raise ValueError(f"ops must be 'fused' or 'reference', got {mode!r}")
+
+
+def match_tokens(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor, matching: str = "greedy",
+                 metric: str = "l1", ops: str = "fused") -> torch.Tensor:
+    if matching not in MATCHINGS:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    impl = op_set(ops)
+    fn = impl.greedy_match if matching == "greedy" else impl.optimal_match
+    with torch.no_grad():
+        return fn(pred.detach().contiguous(), target.detach().contiguous(), lengths, metric)
+
+
+def cross_token_loss(h_at: torch.Tensor, h_t: torch.Tensor, lengths: torch.Tensor, matching: str = "greedy",
+                     metric: str = "l1", ops: str = "fused") -> tuple[torch.Tensor, torch.Tensor]:
+    """L_ct and the permutation used. h_at [B, N, D] (predicted), h_t [B, N, D] (text, no grad), lengths [B]."""
+    perm = match_tokens(h_at, h_t, lengths, matching, metric, ops)
+    return op_set(ops).token_l1_loss(h_at.contiguous(), h_t.contiguous(), perm), perm
+
+
+def unimodal_token_loss(h_clean: torch.Tensor, h_noisy: torch.Tensor, ops: str = "fused") -> torch.Tensor:
+    """L_ut = mean |h_clean - h_noisy| over all B*N*D elements (token L1 with the identity permutation)."""
+    B, N, _ = h_clean.shape
+    identity = torch.arange(N, device=h_clean.device).expand(B, N).contiguous()
+    return op_set(ops).token_l1_loss(h_noisy.contiguous(), h_clean.contiguous(), identity)
+
+
+def gather_features(audio_features: torch.Tensor, text_features: torch.Tensor, local_loss: bool = False,
+                    gather_with_grad: bool = False, rank: int = 0, world_size: int = 1):
+    """All ranks' features, as open_clip's `gather_features` (without horovod)."""
+    if gather_with_grad:
+        import torch.distributed.nn
+
+        all_audio = torch.cat(torch.distributed.nn.all_gather(audio_features), dim=0)
+        all_text = torch.cat(torch.distributed.nn.all_gather(text_features), dim=0)
+        return all_audio, all_text
+    gathered_audio = [torch.zeros_like(audio_features) for _ in range(world_size)]
+    gathered_text = [torch.zeros_like(text_features) for _ in range(world_size)]
+    dist.all_gather(gathered_audio, audio_features)
+    dist.all_gather(gathered_text, text_features)
+    if not local_loss:
+        # all_gather has no gradient: put the local tensors back so this rank's features keep theirs.
+        gathered_audio[rank] = audio_features
+        gathered_text[rank] = text_features
+    return torch.cat(gathered_audio, dim=0), torch.cat(gathered_text, dim=0)
+
+
+class ContrastiveLoss(nn.Module):
+    """L_cg: open_clip's ClipLoss for (audio, text). Inputs must already be L2-normalised.
+
+    In a single process (or without an initialised process group) the gather is a no-op.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False):
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    @staticmethod
+    def world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def forward(self, audio_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        rank, world_size = self.world()
+        if world_size > 1:
+            all_audio, all_text = gather_features(
+                audio_features, text_features, self.local_loss, self.gather_with_grad, rank, world_size
+            )
+            if self.local_loss:
+                logits_per_audio = logit_scale * audio_features @ all_text.T
+                logits_per_text = logit_scale * text_features @ all_audio.T
+            else:
+                logits_per_audio = logit_scale * all_audio @ all_text.T
+                logits_per_text = logits_per_audio.T
+        else:
+            logits_per_audio = logit_scale * audio_features @ text_features.T
+            logits_per_text = logits_per_audio.T
+        n = logits_per_audio.shape[0]
+        labels = torch.arange(n, device=audio_features.device)
+        if world_size > 1 and self.local_loss:
+            labels = labels + n * rank
+        return (F.cross_entropy(logits_per_audio, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def clamped_logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """exp(t) with t clamped to <= ln 100 (the gradient stops at the clamp, as in CLIP)."""
+    return log_scale.clamp(max=LOGIT_SCALE_MAX).exp()
