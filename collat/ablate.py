@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from collat import evaluate
+from collat import evaluate, fileio
 
 ROWS = {
     "full": {},
@@ -139,7 +139,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    evaluate.atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -149,8 +149,8 @@ def write_outputs(rows: list[dict], args, complete: bool, chance: float | None =
         table += f"\n(partial: {len(rows)} row(s) done so far)\n"
     payload = {"args": vars(args), "complete": complete, "columns": [c[:2] for c in COLUMNS],
                "conditions": CONDITIONS, "rows": rows, "definitions": evaluate.DEFINITIONS}
-    evaluate.atomic_write_text(os.path.join(args.out, "ablation.json"), json.dumps(payload, indent=2))
-    evaluate.atomic_write_text(os.path.join(args.out, "ablation.md"), table)
+    fileio.atomic_write_text(os.path.join(args.out, "ablation.json"), json.dumps(payload, indent=2))
+    fileio.atomic_write_text(os.path.join(args.out, "ablation.md"), table)
     plot(rows, os.path.join(args.out, "ablation.png"))
     return table
 

@@ -36,9 +36,9 @@ def frames_for_seconds(seconds: float) -> int:
     return int(round(seconds * 1000 / FRAME_SHIFT_MS))
 
 
-def num_patches(target_frames: int, num_mel_bins: int = NUM_MEL_BINS) -> int:
-    freq = (num_mel_bins - PATCH) // STRIDE + 1
-    time = (target_frames - PATCH) // STRIDE + 1
+def num_patches(target_frames: int, num_mel_bins: int = NUM_MEL_BINS, stride: int = STRIDE) -> int:
+    freq = (num_mel_bins - PATCH) // stride + 1
+    time = (target_frames - PATCH) // stride + 1
     return freq * time
 
 
@@ -130,6 +130,7 @@ class ASTEncoder(nn.Module):
         size: str = "tiny",
         checkpoint: str | None = None,
         num_mel_bins: int = NUM_MEL_BINS,
+        patch_stride: int = STRIDE,
     ):
         super().__init__()
         from transformers import ASTConfig, ASTModel
@@ -151,13 +152,17 @@ class ASTEncoder(nn.Module):
                 num_attention_heads=heads,
                 intermediate_size=4 * hidden,
                 patch_size=PATCH,
-                frequency_stride=STRIDE,
-                time_stride=STRIDE,
+                frequency_stride=patch_stride,
+                time_stride=patch_stride,
                 num_mel_bins=num_mel_bins,
                 max_length=target_frames,
             )
             self.ast = ASTModel._from_config(config, attn_implementation="sdpa")
-        self.num_tokens = num_patches(target_frames, self.ast.config.num_mel_bins)
+        config = self.ast.config
+        self.num_tokens = (
+            ((config.num_mel_bins - config.patch_size) // config.frequency_stride + 1)
+            * ((target_frames - config.patch_size) // config.time_stride + 1)
+        )
         self.proj = nn.Linear(self.ast.config.hidden_size, out_dim)
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:

@@ -486,7 +486,7 @@ def save_captioner(directory: str | Path, decoder: CaptionDecoder, vocab: Vocabu
     """Writes captioner.safetensors + captioner.json atomically (a temporary folder renamed into place)."""
     from safetensors.torch import save_file
 
-    from collat.evaluate import atomic_directory
+    from collat.fileio import atomic_directory
 
     with atomic_directory(directory) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, str(tmp / "captioner.safetensors"))
@@ -593,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from collat.evaluate import atomic_write_text, load_model, resolve_device
+    from collat.evaluate import load_model, resolve_device
+    from collat.fileio import atomic_write_text
 
     args = build_parser().parse_args(argv)
     try:

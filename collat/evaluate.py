@@ -27,13 +27,10 @@ Results: a markdown table on stdout and JSON written atomically to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,82 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from collat import metrics
+from collat.fileio import atomic_write_text
 
 NOISE_DOMAINS = ("waveform", "fbank")
 PROBES = ("decoder", "logreg")
 TASKS = ("zero-shot", "probe", "retrieval", "noisy")
 EXIT_ERROR = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic output
-# ----------------------------------------------------------------------------------------------
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to a temporary file beside `path`, then rename it into place (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
-    """Like atomic_write_text for writers that take a path (e.g. matplotlib's savefig)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike):
-    """Yield a temporary folder beside `path`; on success it replaces `path` as a whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        yield tmp
-        # mkdtemp/mkstemp make owner-only entries; give them the usual permissions.
-        os.chmod(tmp, _default_file_mode() | ((_default_file_mode() & 0o444) >> 2))
-        for child in tmp.rglob("*"):
-            if child.is_file():
-                os.chmod(child, _default_file_mode())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.rmdir(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

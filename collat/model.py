@@ -10,7 +10,6 @@ import dataclasses
 import inspect
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -19,30 +18,16 @@ from torch import nn
 
 from collat import audio as audio_lib
 from collat import losses as L
+from collat.fileio import atomic_write as _atomic_write  # noqa: F401 (used by collat.train)
+from collat.fileio import atomic_write_text
 from collat.interaction import TokenInteraction
+from collat.prompts import make_prompt
 from collat.text import LockedTextEncoder, build_text_encoder
 
 ARCHITECTURE = "CoLLAT"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-PROMPT_PREFIX = "This is a sound of "
-
-
-def make_prompt(names: list[str]) -> str:
-    """The paper's template: "This is a sound of A" / "A and B" / "A, B, and C"."""
-    names = list(names)
-    if not names:
-        raise ValueError("a prompt needs at least one class name")
-    if len(names) == 1:
-        body = names[0]
-    elif len(names) == 2:
-        body = f"{names[0]} and {names[1]}"
-    else:
-        body = ", ".join(names[:-1]) + f", and {names[-1]}"
-    return PROMPT_PREFIX + body
-
-
 @dataclass
 class CoLLATConfig:
     # Locked text encoder: "all-MiniLM-L6-v2" or "clip:<open_clip model>", e.g. "clip:ViT-B-32".
@@ -56,6 +41,9 @@ class CoLLATConfig:
     audio_size: str = "tiny"  # micro (64, 1 layer; tests) | tiny (192, 4) | small (384, 12) | base (768, 12)
     audio_checkpoint: str | None = None  # local AST checkpoint directory (transformers layout)
     clip_seconds: float = 4.0
+    # Patch stride in both directions (paper and AST: 10, i.e. 16x16 patches overlapping by 6; ignored
+    # when a pretrained AST checkpoint is loaded, which brings its own).
+    patch_stride: int = 10
     # fbank frames the clip is padded/cropped to; None = clip_seconds * 100 (AST pads 10 s to 1024 -> 1212 patches)
     target_frames: int | None = None
     window_type: str = "hamming"  # paper; use "hanning" with a pretrained AST checkpoint
@@ -91,6 +79,8 @@ class CoLLATConfig:
             raise ValueError(f"metric must be l1, l2 or cosine, got {self.metric!r}")
         if not 0.0 <= self.noisy_fraction <= 1.0:
             raise ValueError(f"noisy_fraction must be in [0, 1], got {self.noisy_fraction}")
+        if not 1 <= self.patch_stride <= 16:
+            raise ValueError(f"patch_stride must be in [1, 16] (patches are 16x16), got {self.patch_stride}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
         if self.clip_seconds <= 0.2:
@@ -123,7 +113,9 @@ class CoLLAT(nn.Module):
         self.frontend = audio_lib.FbankFrontEnd(
             config.num_frames, config.window_type, mean=config.fbank_mean, std=config.fbank_std
         )
-        self.audio = audio_lib.ASTEncoder(width, config.num_frames, config.audio_size, config.audio_checkpoint)
+        self.audio = audio_lib.ASTEncoder(
+            width, config.num_frames, config.audio_size, config.audio_checkpoint, patch_stride=config.patch_stride
+        )
         interaction_kwargs = dict(
             depth=config.interaction_depth,
             num_heads=config.interaction_heads,
@@ -312,7 +304,7 @@ class CoLLAT(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(state, path, metadata={"format": "pt"}))
         payload = json.dumps(self.config_dict(), indent=2)
-        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda path: _write_text(path, payload))
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), payload)
 
     @classmethod
     def read_config(cls, directory: str) -> CoLLATConfig:
@@ -360,26 +352,13 @@ class CoLLAT(nn.Module):
         self.load_state_dict(state)
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 __all__ = ["CoLLAT", "CoLLATConfig", "make_prompt", "count_parameters"]
+
+
+def _write_text(path: str, text: str) -> None:  # used by collat.train with _atomic_write
+    with open(path, "w") as f:
+        f.write(text)

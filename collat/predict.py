@@ -162,7 +162,8 @@ def main(argv=None) -> int:
             raise ValueError(f"need 0 < --min-seconds <= --max-seconds, got {args.min_seconds} and {args.max_seconds}")
         if not os.path.exists(args.model):
             raise FileNotFoundError(f"model checkpoint not found: {args.model}")
-        from collat.evaluate import atomic_write_text, load_model, resolve_device
+        from collat.evaluate import load_model, resolve_device
+        from collat.fileio import atomic_write_text
 
         model = load_model(args.model, resolve_device(args.device))
         check_labels_fit(model, labels)

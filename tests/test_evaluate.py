@@ -7,7 +7,7 @@ import pytest
 import soundfile
 import torch
 
-from collat import evaluate, metrics
+from collat import evaluate, fileio, metrics
 from collat.evaluate import Noise
 
 TINY = dict(audio_size="tiny", interaction_depth=1, interaction_heads=4, clip_seconds=1.0, context_length=16)
@@ -97,10 +97,10 @@ def test_logistic_probe_single_and_multi_label():
 
 def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "out"
-    with evaluate.atomic_directory(target) as tmp:
+    with fileio.atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("one")
     with pytest.raises(RuntimeError):
-        with evaluate.atomic_directory(target) as tmp:
+        with fileio.atomic_directory(target) as tmp:
             (tmp / "a.txt").write_text("two")
             raise RuntimeError("interrupted")
     assert (target / "a.txt").read_text() == "one"

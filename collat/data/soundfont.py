@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from collat.prompts import make_prompt
+
 DEFAULT_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
 SOUNDFONT_ENV = "COLLAT_SOUNDFONT"
 INSTALL_HINT = "apt-get install fluid-soundfont-gm libfluidsynth3"
@@ -119,22 +121,6 @@ CLASS_BY_NAME: dict[str, SoundClass] = {c.name: c for c in CLASSES}
 HELDOUT_CLASSES: list[str] = ["cello", "trombone", "xylophone", "banjo", "hi-hat", "harpsichord"]
 SEEN_CLASSES: list[str] = [c.name for c in CLASSES if c.name not in HELDOUT_CLASSES]
 assert len(SEEN_CLASSES) == 30 and len(CLASSES) == 36
-
-
-def make_prompt(names: list[str]) -> str:
-    """The paper's template (§4.1): "This is a sound of A", "... A and B", "... A, B, and C"."""
-    if isinstance(names, str):
-        raise TypeError(f"make_prompt: names must be a list of class names, got the string {names!r}")
-    names = list(names)
-    if not names:
-        raise ValueError("make_prompt: names must hold at least one class name, got an empty list")
-    if len(names) == 1:
-        listed = names[0]
-    elif len(names) == 2:
-        listed = f"{names[0]} and {names[1]}"
-    else:
-        listed = ", ".join(names[:-1]) + f", and {names[-1]}"
-    return f"This is a sound of {listed}"
 
 
 def class_prompts(names: list[str]) -> list[str]:
