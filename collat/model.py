@@ -166,7 +166,8 @@ class CoLLAT(nn.Module):
             raise ValueError(f"texts must have one prompt per wave: {wave.shape[0]} waves, {len(texts)} texts")
         fbank = self.frontend(wave.to(self.device))
         B = fbank.shape[0]
-        num_noisy = int(round(cfg.noisy_fraction * B)) if (cfg.lambda_ut > 0 and cfg.noise_std > 0) else 0
+        wants_ut = cfg.lambda_ut > 0 and cfg.noise_std > 0
+        num_noisy = noisy_twin_count(cfg.noisy_fraction, B, *L.distributed_world()) if wants_ut else 0
         if num_noisy:
             noisy = fbank[:num_noisy] + cfg.noise_std * torch.randn_like(fbank[:num_noisy])
             fbank = torch.cat([fbank, noisy], dim=0)
@@ -183,7 +184,7 @@ class CoLLAT(nn.Module):
         z_a = F.normalize(self.text.encode_predicted(h_all[:B]).float(), dim=-1)
         logit_scale = L.clamped_logit_scale(self.logit_scale)
         l_cg = self.contrastive(z_a, z_t, logit_scale)
-        if num_noisy:
+        if wants_ut:  # on every rank, even one without twins: the loss all-reduces its token count
             clean = h_at[:num_noisy]
             if cfg.stop_grad_clean:
                 clean = clean.detach()
@@ -350,6 +351,14 @@ class CoLLAT(nn.Module):
                 f"{len(shapes)} with another shape (e.g. {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in shapes[:3]]})"
             )
         self.load_state_dict(state)
+
+
+def noisy_twin_count(fraction: float, local_batch: int, rank: int = 0, world_size: int = 1) -> int:
+    """How many clips of this rank's batch get a noisy twin for L_ut: round(fraction * global batch)
+    spread over the ranks, so that K ranks together make as many twins as one process would."""
+    total = int(round(fraction * local_batch * world_size))
+    share = total // world_size + (1 if rank < total % world_size else 0)
+    return min(share, local_batch)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

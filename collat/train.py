@@ -2,12 +2,15 @@
 
 With no arguments it runs the CPU-sized default (DESIGN.md section 5): 4 s clips of 30 seen GM
 classes, tiny AST (d=192, 4 layers), the locked all-MiniLM-L6-v2, 4 interaction blocks + head,
-batch 32, ~300 steps -- about 10 minutes on 2 idle cores of a CPU with native bf16 (DESIGN.md 5:
-~1.9 s/step with bf16 autocast); on CPUs without bf16 instructions it runs in fp32 and takes longer. At the end it prints
+batch 32, 180 steps -- about 10 minutes on 2 cores (measured on an AVX2 EPYC without native bf16, so
+in fp32: ~2.7 s/step, 200 steps + both evaluations in 12.9 min while another process shared the CPU).
+At the end it prints
 zero-shot top-1 on single-source clips of seen and held-out classes, macro mAP on 2-3-source
 mixtures, and the same on noisy audio, each beside the untrained model's figure.
 
 CPU default deviations from the paper, and why:
+  * patch_stride = 16 (paper and AST: 10): non-overlapping patches give 8 x 25 = 200 audio tokens for
+    a 4 s clip instead of 12 x 39 = 468, which halves the step time on a CPU.
   * lambda_cg = 1.0 (paper 0.1): with 0.1 the global loss sat at ln(batch) -- every clip mapped to one
     class -- for ~220 of the ~330 affordable steps (DESIGN.md section 5); with 1.0 learning starts at once.
   * noisy_fraction = 0.25 (paper 1.0): a quarter of the batch gets a noisy twin for L_ut, which keeps
@@ -19,9 +22,15 @@ CPU default deviations from the paper, and why:
 Checkpoints (DIR/checkpoint/: model.safetensors + config.json + trainer_state.pt with optimizer,
 scheduler, step and every RNG state) are replaced atomically; SIGINT/SIGTERM saves one and stops;
 `--resume` continues bit-exactly on CPU. Every step is appended to DIR/log.jsonl; DIR/losses.png plots
-the curves; DIR/results.json holds the final table. Under torchrun (WORLD_SIZE > 1) the loop runs
-DistributedDataParallel (gloo on CPU, nccl on GPU), one DistributedSampler shard per rank, the
-contrastive loss gathering features from every rank, and rank 0 alone logging and checkpointing.
+the curves; DIR/results.json holds the final table.
+
+Several processes: `torchrun --nproc_per_node=K -m collat.train ...` (several machines: add torchrun's
+--nnodes/--node-rank/--rdzv-endpoint; resuming needs DIR on a shared file system). Each rank runs a
+DistributedDataParallel replica (gloo on CPU, nccl on GPU) on its DistributedSampler shard of the global
+--batch-size; L_cg gathers features from every rank (open_clip's --gather-with-grad / --local-loss);
+L_ct and L_ut are normalised by the global token counts, so the update equals the one-process update
+of the same global batch; the log holds the global losses; rank 0 alone logs, shows progress and
+writes the checkpoint, which resumes under any number of processes.
 """
 from __future__ import annotations
 
@@ -58,7 +67,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 180
     batch_size: int = 32  # global batch (split across ranks under torchrun)
     lr: float = 5e-4
     weight_decay: float = 0.05
@@ -73,7 +82,15 @@ class TrainConfig:
     train_size: int = 8192  # clips in the training split (rendered on the fly, ~4 ms each)
     data_seed: int = 0
     num_workers: int = 0
-    eval_size: int = 300  # clips per evaluation set (held-out single-source: eval_size // 2)
+    # Audio files instead of the embedded soundfont data: a manifest (CSV/JSONL) or tar shards (a
+    # folder, a brace pattern or a list file; see collat.data.shards). Evaluation uses the manifest's
+    # eval_split rows that have labels; shard training evaluates nothing.
+    train_manifest: str | None = None
+    train_shards: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    shuffle_buffer: int = 1000  # samples in the shard stream's shuffle buffer
+    eval_size: int = 200  # clips per evaluation set (held-out single-source: eval_size // 2)
     eval_batch_size: int = 64
     eval_noise_std: float = 0.1
     evaluate: bool = True
@@ -96,6 +113,7 @@ def cpu_model_config() -> CoLLATConfig:
         context_length=24,
         audio_size="tiny",
         clip_seconds=4.0,
+        patch_stride=16,
         interaction_depth=4,
         interaction_heads=6,
         lambda_cg=1.0,
@@ -125,6 +143,7 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    owns_group: bool = False  # run() created the process group and destroys it when it ends
 
     @property
     def is_main(self) -> bool:
@@ -132,20 +151,46 @@ class World:
 
 
 def setup_distributed(device_arg: str) -> tuple[World, torch.device]:
+    """Join torchrun's process group (WORLD_SIZE > 1; rendezvous through its env:// variables, so
+    multi-node works as torchrun sets it up): nccl when training on CUDA, gloo on CPU."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
-    if size > 1:
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        world = World(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size())
-    else:
-        world = World()
-    if use_cuda:
-        device = torch.device("cuda", world.local_rank) if device_arg in ("auto", "cuda") else torch.device(device_arg)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns_group = False
+    if use_cuda:  # before init: nccl binds each rank to its own device
+        device = torch.device("cuda", local_rank) if device_arg in ("auto", "cuda") else torch.device(device_arg)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if size > 1 or (dist.is_available() and dist.is_initialized()):
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            owns_group = True
+        world = World(dist.get_rank(), local_rank, dist.get_world_size(), owns_group)
+    else:
+        world = World()
     return world, device
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A per-rank seed for the training RNG streams (noisy twins of L_ut, resampled queries), so the
+    ranks do not all draw the same noise; (seed, rank, step) -> a distinct 63-bit seed."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def reduce_mean(values: list[float], device: torch.device, world: World) -> list[float]:
+    """The mean over the ranks of each value (the values themselves in one process)."""
+    if world.size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world.size).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -162,6 +207,32 @@ def default_datasets(model_config: CoLLATConfig, train_config: TrainConfig):
         "mixture mAP": (SoundfontDataset("test", size=n, classes=SEEN_CLASSES, sources=(2, 3), seed=train_config.data_seed + 1,
                                          clip_seconds=model_config.clip_seconds), True),
     }
+    return train, eval_sets
+
+
+def file_datasets(model_config: CoLLATConfig, train_config: TrainConfig):
+    """(train, eval_sets) from TrainConfig.train_manifest or train_shards; None when neither is set."""
+    if train_config.train_manifest and train_config.train_shards:
+        raise ValueError("give train_manifest or train_shards, not both")
+    if not (train_config.train_manifest or train_config.train_shards):
+        return None
+    from collat.data.manifest import ManifestDataset, read_manifest
+
+    common = dict(clip_seconds=model_config.clip_seconds, seed=train_config.data_seed)
+    if train_config.train_shards:
+        from collat.data.shards import ShardDataset
+
+        train = ShardDataset(train_config.train_shards, mode="train", shuffle_buffer=train_config.shuffle_buffer, **common)
+        return train, {}
+    entries = read_manifest(train_config.train_manifest)
+    train = ManifestDataset(entries, split=train_config.train_split, mode="train", **common)
+    eval_sets = {}
+    rows = [entry for entry in entries if entry.split == train_config.eval_split and entry.labels]
+    if train_config.evaluate and rows:
+        rows = rows[: train_config.eval_size]
+        multi = any(len(entry.labels) > 1 for entry in rows)
+        evaluation = ManifestDataset(rows, class_names=train.class_names, mode="eval", text="labels", **common)
+        eval_sets[f"{train_config.eval_split} {'mAP' if multi else 'top-1'}"] = (evaluation, multi)
     return train, eval_sets
 
 
@@ -184,6 +255,9 @@ def batch_stream(dataset, train_config: TrainConfig, world: World, start_step: i
     from torch.utils.data import DataLoader
 
     collate = getattr(sys.modules.get(type(dataset).__module__), "collate", None) or _collate
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        yield from _iterable_batch_stream(dataset, collate, train_config, world, start_step)
+        return
     per_epoch = len(epoch_batches(len(dataset), train_config.batch_size, world, train_config.seed, 0))
     if per_epoch == 0:
         raise ValueError(f"train_size {len(dataset)} is smaller than one batch of {train_config.batch_size}")
@@ -191,6 +265,8 @@ def batch_stream(dataset, train_config: TrainConfig, world: World, start_step: i
     while True:
         epoch, within = divmod(step, per_epoch)
         batches = epoch_batches(len(dataset), train_config.batch_size, world, train_config.seed, epoch)[within:]
+        if hasattr(dataset, "set_epoch"):  # per-epoch random crops / captions (ManifestDataset)
+            dataset.set_epoch(epoch)
         # A private generator keeps the DataLoader from drawing on the global torch RNG.
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=train_config.num_workers,
                             generator=torch.Generator().manual_seed(train_config.seed + epoch),
@@ -198,6 +274,35 @@ def batch_stream(dataset, train_config: TrainConfig, world: World, start_step: i
         for batch in loader:
             yield step, batch
             step += 1
+
+
+def _iterable_batch_stream(dataset, collate, train_config: TrainConfig, world: World, start_step: int):
+    """Batches of a streaming dataset (ShardDataset: shards split by rank and worker). Every rank yields
+    one batch per step for ever, starting the next epoch (set_epoch) when its shards run out, so ranks
+    with fewer samples never leave the others waiting in a collective. A resume restarts at the
+    beginning of the epoch of start_step (epoch length from sizes.json when known): a stream cannot
+    seek, so it is not sample-exact."""
+    from torch.utils.data import DataLoader
+
+    per_rank = train_config.batch_size // world.size
+    known = getattr(dataset, "num_samples", None)
+    per_epoch = known // train_config.batch_size if known else 0
+    epoch = start_step // per_epoch if per_epoch else 0
+    step = start_step
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=per_rank, drop_last=True, collate_fn=collate,
+                            num_workers=train_config.num_workers, persistent_workers=False)
+        produced = 0
+        for batch in loader:
+            produced += 1
+            yield step, batch
+            step += 1
+        if produced == 0:
+            raise ValueError(f"rank {world.rank}: the streamed dataset gave no batch of {per_rank} in epoch {epoch}; "
+                             f"give at least ranks x workers shards with enough samples")
+        epoch += 1
 
 
 def _collate(items):
@@ -269,15 +374,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: str, model: CoLLAT, optimizer, scheduler, step: int, train_config: TrainConfig) -> str:
+def save_checkpoint(out: str, model: CoLLAT, optimizer, scheduler, step: int, train_config: TrainConfig,
+                    rng_per_rank: list | None = None) -> str:
     """Write DIR/checkpoint.tmp completely, then swap it in place of DIR/checkpoint (the old one is kept
-    as checkpoint.old until the swap is done, so a crash at any point leaves one whole checkpoint)."""
+    as checkpoint.old until the swap is done, so a crash at any point leaves one whole checkpoint).
+
+    Nothing in it depends on the number of ranks (the weights are the bare model's, not DDP's), so it
+    resumes under any world size; `rng_per_rank` (every rank's RNG states, under torchrun) lets a
+    resume with the same world size continue each rank's random stream."""
     final = os.path.join(out, CHECKPOINT_DIR)
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "train_config": dataclasses.asdict(train_config)}
+    if rng_per_rank is not None:
+        state["rng_per_rank"] = rng_per_rank
     _atomic_write(os.path.join(tmp, TRAINER_STATE), lambda path: torch.save(state, path))
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
@@ -295,7 +407,13 @@ def find_checkpoint(out: str) -> str | None:
     return None
 
 
-def load_checkpoint(path: str, model: CoLLAT, optimizer, scheduler) -> int:
+def load_checkpoint(path: str, model: CoLLAT, optimizer, scheduler, world: World | None = None,
+                    seed: int = 0) -> int:
+    """Load weights, optimizer, scheduler and RNG states; returns the step to continue from.
+
+    RNG: one process restores the saved (rank-0) state, bit-exact. K processes restore their own
+    rank's state when the checkpoint was written by K processes, else (another world size) they
+    reseed per rank from (seed, rank, step): the data order still follows the step, the noise does not."""
     from safetensors.torch import load_file
 
     saved_config = CoLLAT.read_config(path)
@@ -305,8 +423,16 @@ def load_checkpoint(path: str, model: CoLLAT, optimizer, scheduler) -> int:
     state = torch.load(os.path.join(path, TRAINER_STATE), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return int(state["step"])
+    step = int(state["step"])
+    world = world or World()
+    per_rank = state.get("rng_per_rank")
+    if world.size == 1:
+        set_rng_state(state["rng"])
+    elif per_rank is not None and len(per_rank) == world.size:
+        set_rng_state(per_rank[world.rank])
+    else:
+        seed_everything(rank_seed(seed, world.rank, step))
+    return step
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -380,9 +506,12 @@ class _StopFlag:
         return self
 
     def handle(self, signum, frame):  # noqa: ARG002
-        if self.signal is not None:  # a second signal: stop at once
+        name = signal.Signals(signum).name
+        # The same signal twice: stop at once. Another one is not counted: a Ctrl-C under torchrun
+        # reaches each worker as SIGINT from the terminal and SIGTERM from torchrun.
+        if self.signal == name:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        self.signal = self.signal or name
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -426,24 +555,38 @@ def autocast(device: torch.device, amp: str):
 def run(model_config: CoLLATConfig | None = None, train_config: TrainConfig | None = None,
         train_dataset=None, eval_sets: dict | None = None, model: CoLLAT | None = None) -> dict:
     """Train, then evaluate. Returns a dict with the final step, status, the last losses and the
-    evaluation results (untrained and trained). Datasets default to the embedded soundfont data."""
+    evaluation results (untrained and trained). Datasets default to the embedded soundfont data.
+
+    Under torchrun (WORLD_SIZE > 1) it joins the process group, and destroys it at the end or on an
+    error if it created it. Logged losses are the global batch's (the mean of the ranks' shares)."""
     model_config = model_config or cpu_model_config()
     train_config = train_config or TrainConfig()
     world, device = setup_distributed(train_config.device)
+    try:
+        return _run(model_config, train_config, train_dataset, eval_sets, model, world, device)
+    finally:
+        if world.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(model_config: CoLLATConfig, train_config: TrainConfig, train_dataset, eval_sets, model, world: World,
+         device: torch.device) -> dict:
     out = train_config.out
     if world.is_main:
         os.makedirs(out, exist_ok=True)
     if train_config.batch_size % world.size:
         raise ValueError(f"batch_size {train_config.batch_size} must be divisible by the world size {world.size}")
 
+    files = file_datasets(model_config, train_config) if train_dataset is None else None
+    if files is not None:
+        train_dataset, file_eval_sets = files
+        eval_sets = eval_sets if eval_sets is not None else file_eval_sets
     if train_dataset is None or (eval_sets is None and train_config.evaluate):
         default_train, default_eval = default_datasets(model_config, train_config)
         train_dataset = train_dataset if train_dataset is not None else default_train
         eval_sets = eval_sets if eval_sets is not None else default_eval
 
-    random.seed(train_config.seed)
-    np.random.seed(train_config.seed)
-    torch.manual_seed(train_config.seed)
+    seed_everything(train_config.seed)
     if model is None:
         model = CoLLAT(model_config)
     model.to(device)
@@ -457,12 +600,15 @@ def run(model_config: CoLLATConfig | None = None, train_config: TrainConfig | No
     if train_config.resume and checkpoint is None and world.is_main:
         print(f"--resume: no checkpoint in {out}; starting from scratch", file=sys.stderr)
     if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, world, train_config.seed)
         if world.is_main:
             truncate_log(log_path, start_step - 1)
             print(f"resumed from {checkpoint} at step {start_step}")
-    elif world.is_main and os.path.exists(log_path):
-        os.remove(log_path)
+    else:
+        if world.is_main and os.path.exists(log_path):
+            os.remove(log_path)
+        if world.size > 1:  # the model is built; from here on each rank draws its own noise
+            seed_everything(rank_seed(train_config.seed, world.rank))
 
     untrained_path = os.path.join(out, UNTRAINED_NAME)
     untrained = None
@@ -478,8 +624,10 @@ def run(model_config: CoLLATConfig | None = None, train_config: TrainConfig | No
 
     train_module = model
     if world.size > 1:
+        # No buffer changes during training (no batch norm), so DDP need not broadcast them every step;
+        # its constructor still copies rank 0's parameters and buffers to every rank once.
         train_module = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     status, last = "completed", {}
     end_step = train_config.steps if train_config.stop_at_step is None else min(train_config.steps, train_config.stop_at_step)
@@ -514,8 +662,14 @@ def run(model_config: CoLLATConfig | None = None, train_config: TrainConfig | No
             scheduler.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(max=math.log(100.0))
+            # One collective: the global losses (mean of the ranks' shares) and whether any rank got a
+            # signal -- torchrun signals every rank, but not necessarily within the same step.
+            names = list(terms)
+            values = reduce_mean([float(terms[k].detach()) for k in names] + [float(stop.signal is not None)],
+                                 device, world)
+            signalled = values.pop() > 0
             now = time.perf_counter()
-            record = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": float(grad_norm),
+            record = {"step": step, **dict(zip(names, values)), "grad_norm": float(grad_norm),
                       "lr": scheduler.get_last_lr()[0], "samples_per_s": train_config.batch_size / (now - tick)}
             tick = now
             last = record
@@ -527,12 +681,12 @@ def run(model_config: CoLLATConfig | None = None, train_config: TrainConfig | No
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ct=f"{record['l_ct']:.3f}", cg=f"{record['l_cg']:.3f}",
                                     ut=f"{record['l_ut']:.4f}", sps=f"{record['samples_per_s']:.1f}")
             done = step + 1
-            if stop.signal is not None:
-                status = f"interrupted by {stop.signal}"
+            if signalled:
+                status = f"interrupted by {stop.signal or 'a signal to another rank'}"
             elif done >= end_step:
                 status = "completed" if done >= train_config.steps else "stopped"
-            if world.is_main and (status != "completed" or done % train_config.save_every == 0 or done >= train_config.steps):
-                save_checkpoint(out, model, optimizer, scheduler, done, train_config)
+            if status != "completed" or done % train_config.save_every == 0 or done >= train_config.steps:
+                _save_on_main(out, model, optimizer, scheduler, done, train_config, world)
             if status != "completed" or done >= train_config.steps:
                 break
     if bar is not None:
@@ -542,6 +696,8 @@ def run(model_config: CoLLATConfig | None = None, train_config: TrainConfig | No
     result = {"status": status, "step": step, "last": last, "out": out}
     if world.is_main:
         plot_losses(log_path, os.path.join(out, PLOT_NAME))
+    if hasattr(train_dataset, "skipped"):  # unreadable files skipped (manifest / shard data)
+        result["skipped_files"] = _report_skipped(train_dataset, device, world)
     if status.startswith("interrupted") or status == "stopped":
         if world.is_main:
             print(f"{status} at step {step}; checkpoint in {os.path.join(out, CHECKPOINT_DIR)} (continue with --resume)")
@@ -554,7 +710,34 @@ def run(model_config: CoLLATConfig | None = None, train_config: TrainConfig | No
         payload = {"model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(train_config),
                    **result}
         _atomic_write(os.path.join(out, RESULTS_NAME), lambda p: _write_text(p, json.dumps(payload, indent=2)))
+    if world.size > 1:
+        dist.barrier()  # rank 0's evaluation and files are done before any rank leaves the group
     return result
+
+
+def _report_skipped(dataset, device: torch.device, world: World) -> int:
+    """Print (rank 0) and return the count of unreadable files skipped, summed over the ranks."""
+    skipped = int(round(reduce_mean([float(dataset.skipped)], device, world)[0] * world.size))
+    if world.is_main:
+        if world.size == 1 and hasattr(dataset, "summary"):
+            dataset.summary()
+        else:
+            print(f"collat.data: {skipped} unreadable audio file(s) skipped (summed over {world.size} rank(s))",
+                  file=sys.stderr if skipped else sys.stdout, flush=True)
+    return skipped
+
+
+def _save_on_main(out: str, model: CoLLAT, optimizer, scheduler, step: int, train_config: TrainConfig,
+                  world: World) -> None:
+    """Rank 0 writes the checkpoint (with every rank's RNG states); the others wait until it is whole."""
+    rng_per_rank = None
+    if world.size > 1:
+        rng_per_rank = [None] * world.size
+        dist.all_gather_object(rng_per_rank, rng_state())
+    if world.is_main:
+        save_checkpoint(out, model, optimizer, scheduler, step, train_config, rng_per_rank)
+    if world.size > 1:
+        dist.barrier()
 
 
 def _check_prompt_length(model: CoLLAT, class_names: list[str]) -> None:
@@ -611,6 +794,18 @@ def parse_args(argv=None) -> tuple[CoLLATConfig, TrainConfig]:
     p.add_argument("--lambda-ut", type=float)
     p.add_argument("--noisy-fraction", type=float, help="fraction of the batch with a noisy twin for L_ut (paper 1.0)")
     p.add_argument("--stop-grad-clean", action="store_true", help="stop-gradient on the clean branch of L_ut")
+    p.add_argument("--gather-with-grad", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun, L_cg gathers features with gradients (open_clip; default on: the "
+                        "gradient equals the one-process gradient of the global batch)")
+    p.add_argument("--local-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun, L_cg over this rank's rows against all ranks' columns (open_clip; "
+                        "O(B/K x B) logits instead of O(B x B); exact together with --gather-with-grad)")
+    p.add_argument("--train-manifest", help="train on the audio files of this CSV/JSONL manifest (rows of "
+                   "--train-split; evaluate on the labelled rows of --eval-split)")
+    p.add_argument("--train-shards", help="train on WebDataset tar shards (folder with sizes.json/classes.json, "
+                   "brace pattern or list file); shards are split by rank and DataLoader worker")
+    p.add_argument("--train-split", help="manifest split to train on (default train)")
+    p.add_argument("--eval-split", help="manifest split to evaluate on (default test)")
     p.add_argument("--train-size", type=int)
     p.add_argument("--eval-size", type=int)
     p.add_argument("--num-workers", type=int)
@@ -634,7 +829,8 @@ def parse_args(argv=None) -> tuple[CoLLATConfig, TrainConfig]:
     model_flags = {"matching": "matching", "text_encoder": "text_encoder", "text_checkpoint": "text_checkpoint",
                    "context_length": "context_length", "audio_size": "audio_size", "audio_checkpoint": "audio_checkpoint",
                    "clip_seconds": "clip_seconds", "depth": "interaction_depth", "lambda_ct": "lambda_ct",
-                   "lambda_cg": "lambda_cg", "lambda_ut": "lambda_ut", "noisy_fraction": "noisy_fraction"}
+                   "lambda_cg": "lambda_cg", "lambda_ut": "lambda_ut", "noisy_fraction": "noisy_fraction",
+                   "gather_with_grad": "gather_with_grad", "local_loss": "local_loss"}
     for flag, field_name in model_flags.items():
         if getattr(args, flag) is not None:
             model_values[field_name] = getattr(args, flag)
@@ -647,7 +843,7 @@ def parse_args(argv=None) -> tuple[CoLLATConfig, TrainConfig]:
     if args.audio_checkpoint:
         model_values["window_type"] = "hanning"
     train_flags = ("steps", "batch_size", "lr", "out", "device", "amp", "seed", "train_size", "eval_size",
-                   "num_workers", "save_every")
+                   "num_workers", "save_every", "train_manifest", "train_shards", "train_split", "eval_split")
     for flag in train_flags:
         if getattr(args, flag) is not None:
             train_values[flag] = getattr(args, flag)

@@ -224,3 +224,17 @@ def test_config_validation():
         micro_config(noisy_fraction=2.0).validate()
     with pytest.raises(ValueError, match="audio size"):
         CoLLAT(micro_config(audio_size="huge"))
+
+
+def test_noisy_twins_are_spread_over_ranks_like_one_process():
+    from collat.model import noisy_twin_count
+
+    assert noisy_twin_count(0.25, 32) == 8
+    assert noisy_twin_count(0.0, 32) == 0
+    # 2 ranks x 2 clips at 0.25 must still make the single process's one twin, not round(0.5) = 0 each.
+    assert [noisy_twin_count(0.25, 2, rank, 2) for rank in range(2)] == [1, 0]
+    for fraction in (0.1, 0.25, 0.5, 1.0):
+        for world in (1, 2, 3, 8):
+            counts = [noisy_twin_count(fraction, 4, rank, world) for rank in range(world)]
+            assert sum(counts) == round(fraction * 4 * world)
+            assert max(counts) - min(counts) <= 1

@@ -12,8 +12,6 @@ from collat.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from collat.data.readers import audioset_entries, esc50_entries, fsd50k_entries, urbansound8k_entries
-from collat.data.shards import ShardDataset, shard_urls, write_shards
 from collat.data.soundfont import (
     CLASSES,
     HELDOUT_CLASSES,
@@ -34,3 +32,18 @@ __all__ = [
     "audioset_entries", "esc50_entries", "fsd50k_entries", "urbansound8k_entries",
     "ShardDataset", "shard_urls", "write_shards",
 ]
+
+# readers and shards are also command lines (python -m collat.data.readers / .shards): importing them
+# here would make runpy warn, and shards pulls in webdataset. Load them on first use.
+_LAZY = {
+    "audioset_entries": "readers", "esc50_entries": "readers", "fsd50k_entries": "readers",
+    "urbansound8k_entries": "readers", "ShardDataset": "shards", "shard_urls": "shards", "write_shards": "shards",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"collat.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'collat.data' has no attribute {name!r}")
