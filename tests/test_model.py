@@ -24,14 +24,7 @@ def micro_config(**overrides) -> CoLLATConfig:
     return CoLLATConfig(**values)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # With 2 OpenMP threads on an oversubscribed 2-core CI box every small op waits on a thread barrier
-    # (measured: a micro step 10x slower); one thread keeps these tiny-shape tests fast everywhere.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,7 @@ from collat.model import make_prompt
 from collat.text import CLIPTextEncoder, MiniLMTextEncoder, build_text_encoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 OpenMP threads on an oversubscribed 2-core box spin on barriers; 1 thread is ~10x faster there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,13 +36,7 @@ class ToneDataset(torch.utils.data.Dataset):
         return {"wave": wave.float(), "labels": labels, "text": make_prompt(names), "names": names}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 OpenMP threads on an oversubscribed 2-core box spin on barriers; 1 thread is ~10x faster there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_config():
