@@ -18,8 +18,7 @@ from torch import nn
 
 from collat import audio as audio_lib
 from collat import losses as L
-from collat.fileio import atomic_write as _atomic_write  # noqa: F401 (used by collat.train)
-from collat.fileio import atomic_write_text
+from collat.fileio import atomic_write, atomic_write_text
 from collat.interaction import TokenInteraction
 from collat.prompts import make_prompt
 from collat.text import LockedTextEncoder, build_text_encoder
@@ -28,6 +27,15 @@ ARCHITECTURE = "CoLLAT"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+def dataclass_from_dict(cls, values: dict):
+    """cls(**values), refusing unknown keys with a message that lists the known ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
+    return cls(**values)
+
+
 @dataclass
 class CoLLATConfig:
     # Locked text encoder: "all-MiniLM-L6-v2" or "clip:<open_clip model>", e.g. "clip:ViT-B-32".
@@ -92,11 +100,7 @@ class CoLLATConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "CoLLATConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown CoLLATConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
 
 class CoLLAT(nn.Module):
@@ -303,7 +307,7 @@ class CoLLAT(nn.Module):
 
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(state, path, metadata={"format": "pt"}))
+        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(state, path, metadata={"format": "pt"}))
         payload = json.dumps(self.config_dict(), indent=2)
         atomic_write_text(os.path.join(directory, CONFIG_NAME), payload)
 
@@ -367,7 +371,3 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
 
 __all__ = ["CoLLAT", "CoLLATConfig", "make_prompt", "count_parameters"]
 
-
-def _write_text(path: str, text: str) -> None:  # used by collat.train with _atomic_write
-    with open(path, "w") as f:
-        f.write(text)

@@ -51,7 +51,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from collat.model import CoLLAT, CoLLATConfig, _atomic_write, _write_text
+from collat.fileio import atomic_write, atomic_write_text
+from collat.model import CoLLAT, CoLLATConfig, dataclass_from_dict
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
@@ -99,11 +100,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
 
 def cpu_model_config() -> CoLLATConfig:
@@ -390,7 +387,7 @@ def save_checkpoint(out: str, model: CoLLAT, optimizer, scheduler, step: int, tr
              "rng": rng_state(), "train_config": dataclasses.asdict(train_config)}
     if rng_per_rank is not None:
         state["rng_per_rank"] = rng_per_rank
-    _atomic_write(os.path.join(tmp, TRAINER_STATE), lambda path: torch.save(state, path))
+    atomic_write(os.path.join(tmp, TRAINER_STATE), lambda path: torch.save(state, path))
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
         os.replace(final, old)
@@ -441,7 +438,7 @@ def truncate_log(path: str, last_step: int) -> None:
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    _atomic_write(path, lambda p: _write_text(p, "".join(keep)))
+    atomic_write_text(path, "".join(keep))
 
 
 def read_log(path: str) -> list[dict]:
@@ -468,7 +465,7 @@ def plot_losses(log_path: str, png_path: str) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic_write(png_path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    atomic_write(png_path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -620,7 +617,7 @@ def _run(model_config: CoLLATConfig, train_config: TrainConfig, train_dataset, e
             state = rng_state()  # evaluation must not shift the training RNG streams
             untrained = evaluate(model, eval_sets, train_config.eval_noise_std, train_config.eval_batch_size)
             set_rng_state(state)
-            _atomic_write(untrained_path, lambda p: _write_text(p, json.dumps(untrained, indent=2)))
+            atomic_write_text(untrained_path, json.dumps(untrained, indent=2))
 
     train_module = model
     if world.size > 1:
@@ -709,7 +706,7 @@ def _run(model_config: CoLLATConfig, train_config: TrainConfig, train_dataset, e
         result.update(untrained=untrained, trained=trained, chance=chance)
         payload = {"model_config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(train_config),
                    **result}
-        _atomic_write(os.path.join(out, RESULTS_NAME), lambda p: _write_text(p, json.dumps(payload, indent=2)))
+        atomic_write_text(os.path.join(out, RESULTS_NAME), json.dumps(payload, indent=2))
     if world.size > 1:
         dist.barrier()  # rank 0's evaluation and files are done before any rank leaves the group
     return result
