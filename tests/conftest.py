@@ -31,3 +31,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny untrained CoLLAT saved once per test session, for the command-line tests."""
+    from collat.model import CoLLAT, CoLLATConfig
+
+    path = tmp_path_factory.mktemp("tiny-collat")
+    torch.manual_seed(0)
+    config = CoLLATConfig(audio_size="tiny", interaction_depth=1, interaction_heads=4, clip_seconds=1.0, context_length=16)
+    CoLLAT(config).save_pretrained(str(path))
+    return path

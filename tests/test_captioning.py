@@ -191,19 +191,6 @@ def test_save_and_load_captioner(tmp_path):
         captioning.load_captioner(tmp_path / "missing")
 
 
-TINY = dict(audio_size="tiny", interaction_depth=1, interaction_heads=4, clip_seconds=1.0, context_length=16)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny untrained CoLLAT saved once per test session (test_evaluate builds the same one)."""
-    path = tmp_path_factory.getbasetemp() / "tiny-collat"
-    if not (path / "config.json").exists():
-        from collat.model import CoLLAT, CoLLATConfig
-
-        torch.manual_seed(0)
-        CoLLAT(CoLLATConfig(**TINY)).save_pretrained(str(path))
-    return path
 
 
 def _captioned_manifest(tmp_path, with_captions=True):

@@ -10,23 +10,6 @@ import torch
 from collat import evaluate, fileio, metrics
 from collat.evaluate import Noise
 
-TINY = dict(audio_size="tiny", interaction_depth=1, interaction_heads=4, clip_seconds=1.0, context_length=16)
-
-
-def tiny_model_dir(tmp_path_factory):
-    """A tiny untrained CoLLAT saved once per test session (shared with test_predict)."""
-    path = tmp_path_factory.getbasetemp() / "tiny-collat"
-    if not (path / "config.json").exists():
-        from collat.model import CoLLAT, CoLLATConfig
-
-        torch.manual_seed(0)
-        CoLLAT(CoLLATConfig(**TINY)).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

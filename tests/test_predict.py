@@ -11,19 +11,6 @@ import torch
 
 from collat import predict
 
-TINY = dict(audio_size="tiny", interaction_depth=1, interaction_heads=4, clip_seconds=1.0, context_length=16)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny untrained CoLLAT saved once per test session (test_evaluate builds the same one)."""
-    path = tmp_path_factory.getbasetemp() / "tiny-collat"
-    if not (path / "config.json").exists():
-        from collat.model import CoLLAT, CoLLATConfig
-
-        torch.manual_seed(0)
-        CoLLAT(CoLLATConfig(**TINY)).save_pretrained(str(path))
-    return path
 
 
 def _wav(path, seconds, seed=0, rate=16000):
