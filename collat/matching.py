@@ -10,8 +10,10 @@ closest untaken predicted row (ties to the smallest index); optimal minimises th
 
 Each call validates its inputs, then runs the compiled kernel of collat._C for the device (C++ on
 CPU, CUDA on GPU) or, where that is missing, the plain-PyTorch reference (collat.reference). Both
-kernels compute every distance as one sequential fp32 sum over D, so their perms are bit-identical;
-they match the reference exactly wherever the reference's own rounding does not flip a near-tie.
+kernels compute every distance as one sequential fp32 sum over D, so their greedy perms are
+bit-identical, and match the reference exactly wherever the reference's own rounding does not flip a
+near-tie. Their optimal perms have the same (minimum) cost; they may differ only between assignments
+of exactly equal cost, as the two solvers start differently.
 The matching is not differentiable (perm is an index tensor).
 """
 from __future__ import annotations

@@ -3,8 +3,9 @@
 // shortest augmenting paths (Crouse 2016, as scipy's linear_sum_assignment), potentials in double.
 // Rows are added one at a time; each Dijkstra step scans the unfinished columns in parallel (lane
 // c % 32 owns column c and its path cost) and picks the minimum by (path cost, assigned column last,
-// smaller column) with warp shuffles: the same rule and the same double arithmetic as the CPU
-// solver (optimal_match.cpp), so both backends return the same perm.
+// smaller column) with warp shuffles: the same rule as the CPU solver (optimal_match.cpp), which
+// however starts from an augmenting row reduction: under exactly tied optima the two backends may
+// return different perms of the same cost.
 #include <cfloat>
 
 #include "matching_cuda.h"

@@ -110,6 +110,46 @@ def test_cpu_matches_greedy_over_kernel_arithmetic(B, N, D, metric, dtype):
     assert torch.equal(perm, greedy_from_distances(kernel_distances(target, pred, metric), lengths))
 
 
+_PORTABLE_PATH_SCRIPT = """
+import sys, torch
+cases = torch.load(sys.argv[1])
+out = []
+for pred, target, lengths, metric in cases:
+    out.append((torch.ops.collat.greedy_match(pred, target, lengths, metric),
+                torch.ops.collat.optimal_match(pred, target, lengths, metric)))
+torch.save(out, sys.argv[2])
+"""
+
+
+@requires_cpu_kernel
+def test_portable_cpu_path_gives_the_same_perms(tmp_path):
+    # COLLAT_CPU_GENERIC=1 makes the extension skip its AVX2 code (what a CPU without AVX2 runs).
+    import os
+    import subprocess
+    import sys
+
+    gen = torch.Generator().manual_seed(7)
+    cases = []
+    for (B, N, D), metric, dtype in [
+        ((3, 77, 512), "l1", torch.float32),
+        ((2, 13, 9), "l2", torch.bfloat16),
+        ((2, 200, 33), "cosine", torch.float16),
+        ((4, 7, 1), "l1", torch.float32),
+    ]:
+        pred = torch.randn(B, N, D, generator=gen).to(dtype)
+        target = torch.randn(B, N, D, generator=gen).to(dtype)
+        cases.append((pred, target, torch.randint(0, N + 1, (B,), generator=gen), metric))
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, COLLAT_CPU_GENERIC="1")
+    subprocess.run([sys.executable, "-c", "import collat\n" + _PORTABLE_PATH_SCRIPT, tmp_path / "cases.pt",
+                    tmp_path / "out.pt"], env=env, check=True)
+    portable = torch.load(tmp_path / "out.pt")
+    for (pred, target, lengths, metric), (greedy, optimal) in zip(cases, portable):
+        assert torch.equal(greedy, torch.ops.collat.greedy_match(pred, target, lengths, metric))
+        assert torch.equal(optimal, torch.ops.collat.optimal_match(pred, target, lengths, metric))
+        assert torch.equal(greedy, greedy_from_distances(kernel_distances(target, pred, metric), lengths))
+
+
 @requires_cpu_kernel
 @pytest.mark.parametrize("metric", METRICS)
 def test_non_contiguous_inputs(metric):
@@ -274,6 +314,8 @@ def test_cuda_matches_cpu_bit_for_bit_at_real_shapes(op_name, D, metric, dtype):
     perm = op(pred, target, lengths, metric)
     expected = op(pred.cpu(), target.cpu(), lengths.cpu(), metric)
     assert perm.device.type == "cuda"
+    # Continuous inputs: the optimum is unique (almost surely), so even the two optimal solvers,
+    # which break exact ties differently, must agree on it.
     assert torch.equal(perm.cpu(), expected)
 
 
