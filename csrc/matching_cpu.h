@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -292,9 +293,13 @@ void for_each_item(const at::Tensor& pred, const at::Tensor& target, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "collat_matching_cpu", [&] {
     const scalar_t* pred_ptr = pred.data_ptr<scalar_t>();
     const scalar_t* target_ptr = target.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    // Items are handed out one at a time from a shared counter rather than in one fixed slice per
+    // thread: their cost varies with L_b, and a thread that gets less CPU time just takes fewer.
+    std::atomic<int64_t> next_item{0};
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       ItemScratch scratch;
-      for (int64_t b = begin; b < end; ++b) {
+      for (int64_t b = next_item++; b < B; b = next_item++) {
         const int64_t L = std::min(std::max<int64_t>(lengths_ptr[b], 0), N);
         if (L == 0) {
           per_item(b, L, static_cast<const PackedItem*>(nullptr));
