@@ -8,6 +8,7 @@
 // CUDA kernel's (which starts from an empty assignment); the total cost does not.
 #include <cfloat>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "matching_cpu.h"
@@ -30,6 +31,7 @@ struct AssignmentScratch {
   std::vector<int64_t> row4col;   // [Nc] row assigned to each column, -1 if none
   std::vector<int64_t> col4row;   // [L] column assigned to each row, -1 if none
   std::vector<int64_t> seen_rows, done_cols;  // what the current search touched
+  std::vector<int64_t> todo, later;           // augmenting row reduction: rows to (re)assign
 };
 
 // Relaxes every unsettled column through row i (shift = path cost to row i minus u_i) and returns
@@ -174,22 +176,15 @@ inline TwoSmallest two_smallest(const float* cost, int64_t N, const AssignmentSc
 // so free columns keep v = 0. Leaves u tight on the assigned rows; the rows still free go to the
 // shortest augmenting paths.
 void augmenting_row_reduction(const float* cost, int64_t stride, int64_t L, int64_t N, AssignmentScratch& s) {
-  std::vector<int64_t>& free_rows = s.seen_rows;  // reused as the work list
-  free_rows.clear();
-  for (int64_t r = L - 1; r >= 0; --r) free_rows.push_back(r);
+  s.todo.resize(L);
+  std::iota(s.todo.begin(), s.todo.end(), int64_t(0));
   // Progress is certain only in exact arithmetic, and late steps shuffle tiny gaps: bound the work
-  // (3 steps a row measured best at B=256, N=L=77; the augmenting paths finish the job).
+  // (3 steps a row measured best at B=256, N=L=77). Rows left free go to the augmenting paths.
   int64_t budget = 3 * L + 16;
-  for (int pass = 0; pass < 2 && !free_rows.empty(); ++pass) {
-    std::vector<int64_t> todo(free_rows.rbegin(), free_rows.rend());
-    free_rows.clear();
-    size_t k = 0;
-    while (k < todo.size()) {
-      const int64_t i = todo[k++];
-      if (budget-- <= 0) {
-        free_rows.push_back(i);
-        continue;
-      }
+  for (int pass = 0; pass < 2 && !s.todo.empty(); ++pass) {
+    s.later.clear();
+    for (size_t k = 0; k < s.todo.size() && budget > 0; --budget) {
+      const int64_t i = s.todo[k++];
       const TwoSmallest t = two_smallest(cost + i * stride, N, s);
       int64_t j = t.first;
       int64_t evicted = s.row4col[j];
@@ -206,11 +201,12 @@ void augmenting_row_reduction(const float* cost, int64_t stride, int64_t L, int6
       if (evicted >= 0) {
         s.col4row[evicted] = -1;
         if (gap)
-          todo[--k] = evicted;  // retry at once: v[j] moved, so it will not simply take j again
+          s.todo[--k] = evicted;  // retry at once: v[j] moved, so it will not simply take j again
         else
-          free_rows.push_back(evicted);
+          s.later.push_back(evicted);
       }
     }
+    s.todo.swap(s.later);
   }
 }
 
