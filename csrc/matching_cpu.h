@@ -34,7 +34,7 @@ namespace cpu {
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-constexpr int kLanes = 8;     // text rows per group (one vector)
+constexpr int kLanes = 8;      // text rows per group (one vector)
 constexpr int kPredBlock = 8;  // predicted rows sharing one load of a text panel
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -56,7 +56,7 @@ struct ItemScratch {
   std::vector<float> zeros;                   // [D]: the text row of padding lanes
   std::vector<float> panel;                   // [D, 8]: one group of text rows
   std::vector<float> group_dist;              // [n, 8]: distance of each listed predicted row to each lane
-  std::vector<float> dist;                    // optimal: [L, Np]
+  std::vector<float> dist;                    // optimal: the full [L, stride] matrix
   std::vector<float> target_norm, pred_norm;  // cosine only
   std::vector<int32_t> live;                  // predicted rows to compare with, ascending
   std::vector<const float*> live_rows;        // their addresses
