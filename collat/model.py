@@ -27,6 +27,8 @@ ARCHITECTURE = "CoLLAT"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
 def dataclass_from_dict(cls, values: dict):
     """cls(**values), refusing unknown keys with a message that lists the known ones."""
     names = {f.name for f in dataclasses.fields(cls)}

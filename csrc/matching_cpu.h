@@ -158,6 +158,12 @@ inline float row_square_sum(const float* x, int64_t D) {
 // ---------------------------------------------------------------------------------------------
 // Packing a group: panel[k * 8 + lane] = rows[lane][k] (an 8 x 8 block transpose per 8 values of d).
 
+// Values d >= k_begin only (the AVX2 version's tail).
+inline void pack_panel_generic(const float* const* rows, int64_t D, float* panel, int64_t k_begin = 0) {
+  for (int64_t k = k_begin; k < D; ++k)
+    for (int lane = 0; lane < 8; ++lane) panel[k * 8 + lane] = rows[lane][k];
+}
+
 __attribute__((target("avx2"))) inline void pack_panel_avx2(const float* const* rows, int64_t D, float* panel) {
   const int64_t D8 = D / 8 * 8;
   for (int64_t k0 = 0; k0 < D8; k0 += 8) {
@@ -178,17 +184,11 @@ __attribute__((target("avx2"))) inline void pack_panel_avx2(const float* const* 
       _mm256_storeu_ps(panel + (k0 + q + 4) * 8, _mm256_permute2f128_ps(b[q], b[q + 4], 0x31));
     }
   }
-  for (int64_t k = D8; k < D; ++k)
-    for (int lane = 0; lane < 8; ++lane) panel[k * 8 + lane] = rows[lane][k];
-}
-
-inline void pack_panel_generic(const float* const* rows, int64_t D, float* panel) {
-  for (int64_t k = 0; k < D; ++k)
-    for (int lane = 0; lane < 8; ++lane) panel[k * 8 + lane] = rows[lane][k];
+  pack_panel_generic(rows, D, panel, D8);
 }
 
 // ---------------------------------------------------------------------------------------------
-// One batch item, packed: fp32 text rows, transposed predicted rows, norms for cosine.
+// One batch item, packed: fp32 text and predicted rows, the list of predicted rows, norms for cosine.
 
 struct PackedItem {
   const float* target;  // [L, D] fp32
@@ -213,7 +213,7 @@ PackedItem pack_item(const scalar_t* pred, const scalar_t* target, int64_t L, in
     item.target = s.target_rows.data();
     item.pred = s.pred_rows.data();
   }
-  s.zeros.assign(D, 0.f);
+  if (static_cast<int64_t>(s.zeros.size()) != D) s.zeros.assign(D, 0.f);
   s.panel.resize(D * kLanes);
   s.group_dist.resize(N * kLanes);
   s.live.resize(N);

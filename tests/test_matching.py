@@ -9,6 +9,9 @@ Two oracles, both compared bit for bit:
   here with plain torch ops; the reference's cdist sums in another order, which may flip near-ties.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,10 +127,6 @@ torch.save(out, sys.argv[2])
 @requires_cpu_kernel
 def test_portable_cpu_path_gives_the_same_perms(tmp_path):
     # COLLAT_CPU_GENERIC=1 makes the extension skip its AVX2 code (what a CPU without AVX2 runs).
-    import os
-    import subprocess
-    import sys
-
     gen = torch.Generator().manual_seed(7)
     cases = []
     for (B, N, D), metric, dtype in [
