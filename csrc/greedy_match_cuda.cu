@@ -39,8 +39,7 @@ __global__ void __launch_bounds__(1024)
     greedy_match_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
                         const int64_t* __restrict__ lengths, int64_t* __restrict__ perm, int N, int D, int stride,
                         int dist_stride, int chunk_floats, float* __restrict__ dist_scratch) {
-  extern __shared__ float4 smem_raw[];
-  float* smem = reinterpret_cast<float*>(smem_raw);
+  float* smem = dynamic_smem();
   const int64_t b = blockIdx.x;
   const int L = clamp_length(lengths[b], N);
   int64_t* out = perm + b * N;
@@ -74,10 +73,9 @@ at::Tensor greedy_match_cuda(const at::Tensor& pred_in, const at::Tensor& target
     constexpr Metric M = decltype(metric_tag)::value;
     auto kernel = greedy_match_kernel<scalar_t, M>;
     allow_smem(kernel, plan.smem_bytes);
-    kernel<<<dim3(unsigned(B)), plan.threads, plan.smem_bytes, stream>>>(
-        pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(),
-        perm.data_ptr<int64_t>(), int(N), int(D), plan.stride, plan.dist_stride, plan.chunk_floats, scratch_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(kernel, unsigned(B), plan.threads, plan.smem_bytes, stream, pred.data_ptr<scalar_t>(),
+                  target.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), int(N), int(D),
+                  plan.stride, plan.dist_stride, plan.chunk_floats, scratch_ptr);
   });
   return perm;
 }
@@ -85,6 +83,8 @@ at::Tensor greedy_match_cuda(const at::Tensor& pred_in, const at::Tensor& target
 }  // namespace
 }  // namespace cuda
 
+#ifndef COLLAT_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(collat, CUDA, m) { m.impl("greedy_match", &cuda::greedy_match_cuda); }
+#endif
 
 }  // namespace collat

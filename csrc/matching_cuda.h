@@ -8,14 +8,22 @@
 // multiplies (no FMA), the same arithmetic as the CPU kernel (matching_cpu.h), so perms agree bit for
 // bit. The matrix lives in shared memory when it fits (e.g. N = 77: 24.6 KB; N = 200 on H100/H200),
 // else in a global scratch buffer.
+//
+// With -DCOLLAT_CUDA_EMULATION this code compiles as plain C++ against cuda_emulation.h, which the
+// CPU tests use to run the kernels without a GPU (tests/test_cuda_emulation.py).
 #pragma once
 
+#ifdef COLLAT_CUDA_EMULATION
+// The tests run this device code on CPU through a fiber emulation of the CUDA features it uses.
+#include "cuda_emulation.h"
+#else
 // Only c10 CUDA headers: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers, which a bare
 // toolkit (CI) may lack.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +33,20 @@
 
 namespace collat {
 namespace cuda {
+
+#ifndef COLLAT_CUDA_EMULATION
+__device__ __forceinline__ float* dynamic_smem() {
+  extern __shared__ float4 smem_raw[];
+  return reinterpret_cast<float*>(smem_raw);
+}
+
+template <typename... KernelArgs, typename... Args>
+inline void launch_kernel(void (*kernel)(KernelArgs...), unsigned blocks, int threads, size_t smem_bytes,
+                          cudaStream_t stream, Args... args) {
+  kernel<<<dim3(blocks), threads, smem_bytes, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 constexpr int kTile = 4;     // a thread's tile: kTile target rows x kTile predicted rows
 constexpr int kChunk = 16;   // d values staged in shared memory per step

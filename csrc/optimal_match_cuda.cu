@@ -151,8 +151,7 @@ __global__ void __launch_bounds__(1024)
     optimal_match_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
                          const int64_t* __restrict__ lengths, int64_t* __restrict__ perm, int N, int D, int stride,
                          int dist_stride, int chunk_floats, float* __restrict__ dist_scratch) {
-  extern __shared__ float4 smem_raw[];
-  float* smem = reinterpret_cast<float*>(smem_raw);
+  float* smem = dynamic_smem();
   const int64_t b = blockIdx.x;
   const int L = clamp_length(lengths[b], N);
   int64_t* out = perm + b * N;
@@ -187,10 +186,9 @@ at::Tensor optimal_match_cuda(const at::Tensor& pred_in, const at::Tensor& targe
     constexpr Metric M = decltype(metric_tag)::value;
     auto kernel = optimal_match_kernel<scalar_t, M>;
     allow_smem(kernel, plan.smem_bytes);
-    kernel<<<dim3(unsigned(B)), plan.threads, plan.smem_bytes, stream>>>(
-        pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(),
-        perm.data_ptr<int64_t>(), int(N), int(D), plan.stride, plan.dist_stride, plan.chunk_floats, scratch_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(kernel, unsigned(B), plan.threads, plan.smem_bytes, stream, pred.data_ptr<scalar_t>(),
+                  target.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), int(N), int(D),
+                  plan.stride, plan.dist_stride, plan.chunk_floats, scratch_ptr);
   });
   return perm;
 }
@@ -198,6 +196,8 @@ at::Tensor optimal_match_cuda(const at::Tensor& pred_in, const at::Tensor& targe
 }  // namespace
 }  // namespace cuda
 
+#ifndef COLLAT_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(collat, CUDA, m) { m.impl("optimal_match", &cuda::optimal_match_cuda); }
+#endif
 
 }  // namespace collat

@@ -1,0 +1,210 @@
+"""The CUDA matching kernels' device and launch code, run on CPU through an emulation of CUDA.
+
+csrc/greedy_match_cuda.cu and csrc/optimal_match_cuda.cu are compiled as C++ against
+csrc/cuda_emulation.h (every CUDA thread a fiber, barriers and warp reductions emulated, shared memory
+poisoned and guarded) and compared with the same oracles as the real GPU tests: the reference on grid
+inputs, the CPU kernels bit for bit on continuous inputs, scipy's cost for the optimal solver. Each
+call runs the fibers in a chosen order with a chosen shared-memory poison; results that depend on
+either expose races and reads of unwritten memory. Global outputs and scratch come from at::empty
+under torch's deterministic mode, which fills them with NaN / INT64_MAX.
+
+This checks the kernels' logic, indexing, shared-memory layout and launch plan; it says nothing of
+their speed or of the real compiler, which the `-m gpu` tests and the benchmark cover on a GPU.
+"""
+import contextlib
+import hashlib
+import os
+import pathlib
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from collat import _ext, reference
+from test_matching import DTYPES, METRICS, grid_inputs, random_lengths
+from test_optimal_match import check_against_scipy
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BINDINGS = ROOT / "tests" / "cuda_emulation" / "emulated_matching.cpp"
+EMULATED_FILES = [BINDINGS, *sorted((ROOT / "csrc").glob("*_cuda.*")), ROOT / "csrc" / "matching_common.h",
+                  ROOT / "csrc" / "cuda_emulation.h"]
+# -ffp-contract=off: no FMA contraction, so each emulated __fadd_rn / __fmul_rn rounds on its own.
+FLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-DCOLLAT_CUDA_EMULATION"]
+H100_SMEM_OPTIN = 232448
+SCHEDULES = [(order, poison) for order in (0, 1, 2) for poison in (0xFF, 0x00, 0x7F)]  # order: fwd, rev, shuffled
+
+requires_cpu_kernel = pytest.mark.skipif(not _ext.has_kernel("greedy_match", "cpu"), reason="no CPU kernels")
+
+
+@pytest.fixture(scope="session")
+def emu():
+    # The name carries a hash of every emulated file: load() alone would not see a changed header.
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in EMULATED_FILES)).hexdigest()[:12]
+    name = f"collat_cuda_emulation_{digest}"
+    root = pathlib.Path(os.environ.get("TORCH_EXTENSIONS_DIR", pathlib.Path.home() / ".cache" / "torch_extensions"))
+    build_dir = root / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=name, sources=[str(BINDINGS)], extra_include_paths=[str(ROOT / "csrc")],
+                              extra_cflags=FLAGS, build_directory=str(build_dir))
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """at::empty (the kernels' outputs and global scratch) comes back full of NaN / INT64_MAX."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def emulated(emu, op_name, pred, target, lengths, metric, schedule=(2, 0xFF), seed=0, smem=H100_SMEM_OPTIN):
+    order, poison = schedule
+    emu.configure(optin_smem_bytes=smem, order=order, seed=seed, poison=poison)
+    with poisoned_empty():
+        return getattr(emu, op_name)(pred, target, lengths, metric)
+
+
+def schedule_for(*values):
+    return SCHEDULES[sum(values) % len(SCHEDULES)]
+
+
+# (B, N, D): N in {1, 7, 77, 200}; D not a multiple of the kernels' 16-wide chunk; N = 200 takes
+# several passes of 4x4 tiles over its 1024 threads.
+SHAPES = [(4, 1, 3), (6, 7, 1), (3, 7, 33), (5, 77, 3), (3, 77, 40), (2, 200, 17)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("B,N,D", SHAPES)
+def test_greedy_matches_reference_on_grid_inputs(emu, B, N, D, metric, dtype):
+    pred, target = grid_inputs(B, N, D, dtype)
+    lengths = random_lengths(B, N)
+    perm = emulated(emu, "greedy_match", pred, target, lengths, metric, schedule_for(B, N, D), seed=N)
+    assert torch.equal(perm, reference.greedy_match(pred, target, lengths, metric))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("B,N,D", SHAPES)
+def test_optimal_cost_equals_scipy_on_grid_inputs(emu, B, N, D, metric, dtype):
+    pred, target = grid_inputs(B, N, D, dtype)
+    lengths = random_lengths(B, N)
+    perm = emulated(emu, "optimal_match", pred, target, lengths, metric, schedule_for(B, N, D, 1), seed=D)
+    check_against_scipy(pred, target, lengths, metric, perm, exact=metric != "cosine")
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
+def test_bit_for_bit_with_the_cpu_kernel_on_continuous_inputs(emu, op_name, metric, dtype):
+    # The distance arithmetic contract (matching_common.h): the two backends' distances are the same
+    # bits, so greedy perms are equal; continuous inputs make the optimum unique, so optimal's too.
+    B, N, D = 3, 77, 512
+    pred, target = torch.randn(B, N, D).to(dtype), torch.randn(B, N, D).to(dtype)
+    lengths = torch.tensor([77, 31, 0])
+    perm = emulated(emu, op_name, pred, target, lengths, metric, schedule_for(len(op_name), len(metric)))
+    assert torch.equal(perm, getattr(torch.ops.collat, op_name)(pred, target, lengths, metric))
+
+
+@pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
+def test_every_schedule_and_poison_gives_the_same_perm(emu, op_name):
+    pred, target = grid_inputs(3, 77, 21)
+    lengths = torch.tensor([77, 50, 1])
+    expected = emulated(emu, op_name, pred, target, lengths, "l2", SCHEDULES[0])
+    for seed, schedule in enumerate(SCHEDULES[1:]):
+        assert torch.equal(emulated(emu, op_name, pred, target, lengths, "l2", schedule, seed=seed), expected)
+
+
+@pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
+@pytest.mark.parametrize("N,smem", [(77, 20_000), (300, H100_SMEM_OPTIN)])
+def test_distance_matrix_in_global_memory(emu, op_name, N, smem):
+    # Too big for the device's shared memory (N = 300 on an H100, or N = 77 on a made-up 20 KB
+    # device): the matrix goes to a global scratch buffer, which at::empty fills with NaN here.
+    B, D = 2, 9
+    pred, target = grid_inputs(B, N, D)
+    lengths = torch.tensor([N, N // 3])
+    perm = emulated(emu, op_name, pred, target, lengths, "l1", smem=smem)
+    launch = emu.last_launch()
+    assert launch["smem_bytes"] < N * N * 4 and launch["blocks"] == B
+    if op_name == "greedy_match":
+        assert torch.equal(perm, reference.greedy_match(pred, target, lengths, "l1"))
+    else:
+        check_against_scipy(pred, target, lengths, "l1", perm, exact=True)
+
+
+def test_launch_plan_for_the_real_shape(emu):
+    # N = 77: 20 x 20 tiles of 4 x 4 -> 400 threads, rounded up to 13 warps; the matrix in shared memory.
+    pred, target = grid_inputs(2, 77, 16)
+    emulated(emu, "greedy_match", pred, target, torch.tensor([77, 5]), "l1")
+    launch = emu.last_launch()
+    assert launch["threads"] == 416 and launch["blocks"] == 2 and launch["smem_bytes"] > 77 * 80 * 4
+
+
+@pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
+def test_too_little_shared_memory_is_reported(emu, op_name):
+    pred, target = grid_inputs(1, 77, 4)
+    with pytest.raises(RuntimeError, match=r"N = 77 needs \d+ bytes of shared memory per block, the device allows 4096"):
+        emulated(emu, op_name, pred, target, torch.tensor([77]), "l1", smem=4096)
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
+def test_nan_inf_non_contiguous_and_int32_lengths(emu, op_name):
+    B, N, D = 4, 77, 24
+    pred = torch.randn(N, B, 2 * D).transpose(0, 1)[:, :, ::2]
+    target = torch.randn(B, D, N).transpose(1, 2)
+    pred[0, 3, 5] = float("nan")
+    target[1, :, 0] = float("inf")
+    target[2] = float("nan")
+    lengths = torch.tensor([77, 60, 40, 0], dtype=torch.int32)
+    for metric in METRICS:
+        perm = emulated(emu, op_name, pred, target, lengths, metric)
+        expected = getattr(torch.ops.collat, op_name)(pred, target, lengths, metric)
+        if op_name == "greedy_match":
+            assert torch.equal(perm, expected)
+        else:  # no unique optimum with NaN / inf costs: a valid assignment of the same cost
+            assert (perm[:, 40:] == -1)[2:].all() and torch.equal(perm >= 0, expected >= 0)
+            for row, length in zip(perm.tolist(), lengths.tolist()):
+                assert sorted(row[:length]) == sorted(set(row[:length]))
+
+
+@pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
+def test_empty_batch_and_zero_lengths(emu, op_name):
+    pred = torch.randn(0, 5, 3)
+    assert emulated(emu, op_name, pred, pred, torch.zeros(0, dtype=torch.long), "l1").shape == (0, 5)
+    pred = torch.randn(3, 5, 3)
+    assert torch.equal(emulated(emu, op_name, pred, pred, torch.zeros(3, dtype=torch.long), "l1"),
+                       torch.full((3, 5), -1))
+
+
+# The emulation's own checks: what it must refuse or expose.
+
+def test_emulation_refuses_a_warp_op_after_lanes_exited(emu):
+    with pytest.raises(RuntimeError, match="can never pass its barriers"):
+        emu.run_faulty("warp_op_after_lanes_exit", 0, torch.empty(0))
+
+
+def test_emulation_catches_writes_past_shared_memory(emu):
+    emu.configure()
+    with pytest.raises(RuntimeError, match="wrote past the end of its 1024 bytes"):
+        emu.run_faulty("write_past_shared_memory", 1024, torch.empty(0))
+
+
+def test_emulation_enforces_the_48kb_default_without_the_opt_in(emu):
+    emu.configure()
+    with pytest.raises(RuntimeError, match="the kernel is allowed 49152"):
+        emu.run_faulty("write_past_shared_memory", 64 * 1024, torch.empty(0))
+
+
+def test_emulation_exposes_a_missing_barrier(emu):
+    results = []
+    for order in (0, 1):
+        emu.configure(order=order, poison=0)
+        out = torch.full((64,), -1.0)
+        emu.run_faulty("read_without_barrier", 16, out)
+        results.append(out)
+    assert (results[0] == 1).all()  # thread 0 ran first
+    assert (results[1][1:] == 0).all()  # the readers ran first and saw the poison
