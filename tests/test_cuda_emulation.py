@@ -6,7 +6,8 @@ poisoned and guarded) and compared with the same oracles as the real GPU tests: 
 inputs, the CPU kernels bit for bit on continuous inputs, scipy's cost for the optimal solver. Each
 call runs the fibers in a chosen order with a chosen shared-memory poison; results that depend on
 either expose races and reads of unwritten memory. Global outputs and scratch come from at::empty
-under torch's deterministic mode, which fills them with NaN / INT64_MAX.
+under torch's deterministic mode, which fills them with NaN / INT64_MAX. One test reruns a set of
+cases under AddressSanitizer, with shared memory sized exactly as the launch asked.
 
 This checks the kernels' logic, indexing, shared-memory layout and launch plan; it says nothing of
 their speed or of the real compiler, which the `-m gpu` tests and the benchmark cover on a GPU.
@@ -15,6 +16,8 @@ import contextlib
 import hashlib
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,16 +39,26 @@ SCHEDULES = [(order, poison) for order in (0, 1, 2) for poison in (0xFF, 0x00, 0
 requires_cpu_kernel = pytest.mark.skipif(not _ext.has_kernel("greedy_match", "cpu"), reason="no CPU kernels")
 
 
-@pytest.fixture(scope="session")
-def emu():
+# AddressSanitizer build: no guard bytes, so that ASan sees every access past the shared memory.
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-DCOLLAT_EMU_GUARD_BYTES=0"]
+
+
+def build_emulation(asan=False):
+    flags = FLAGS + ASAN_FLAGS if asan else FLAGS
     # The name carries a hash of every emulated file: load() alone would not see a changed header.
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in EMULATED_FILES)).hexdigest()[:12]
-    name = f"collat_cuda_emulation_{digest}"
+    contents = b"".join(path.read_bytes() for path in EMULATED_FILES) + " ".join(flags).encode()
+    name = f"collat_cuda_emulation_{'asan_' if asan else ''}{hashlib.sha256(contents).hexdigest()[:12]}"
     root = pathlib.Path(os.environ.get("TORCH_EXTENSIONS_DIR", pathlib.Path.home() / ".cache" / "torch_extensions"))
     build_dir = root / name
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name=name, sources=[str(BINDINGS)], extra_include_paths=[str(ROOT / "csrc")],
-                              extra_cflags=FLAGS, build_directory=str(build_dir))
+                              extra_cflags=flags, extra_ldflags=["-fsanitize=address"] if asan else None,
+                              build_directory=str(build_dir))
+
+
+@pytest.fixture(scope="session")
+def emu():
+    return build_emulation()
 
 
 @contextlib.contextmanager
@@ -208,3 +221,42 @@ def test_emulation_exposes_a_missing_barrier(emu):
         results.append(out)
     assert (results[0] == 1).all()  # thread 0 ran first
     assert (results[1][1:] == 0).all()  # the readers ran first and saw the poison
+
+
+# Under AddressSanitizer (a subprocess with libasan preloaded): every global and shared-memory access
+# of the kernels stays in bounds, with shared memory sized exactly as the launch asked.
+
+def asan_smoke():
+    emu = build_emulation(asan=True)
+    for seed, (B, N, D, smem) in enumerate([(3, 7, 33, H100_SMEM_OPTIN), (3, 77, 40, H100_SMEM_OPTIN),
+                                            (2, 77, 17, 20_000), (2, 300, 9, H100_SMEM_OPTIN)]):
+        pred, target = grid_inputs(B, N, D)
+        lengths = random_lengths(B, N)
+        for metric in METRICS:
+            perm = emulated(emu, "greedy_match", pred, target, lengths, metric, SCHEDULES[seed], seed, smem)
+            assert torch.equal(perm, reference.greedy_match(pred, target, lengths, metric))
+            perm = emulated(emu, "optimal_match", pred, target, lengths, metric, SCHEDULES[seed], seed, smem)
+            check_against_scipy(pred, target, lengths, metric, perm, exact=metric != "cosine")
+    print("asan smoke ok")
+
+
+def asan_negative_control():
+    build_emulation(asan=True).run_faulty("write_past_shared_memory", 1024, torch.empty(0))
+
+
+def run_under_asan(function):
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip("gcc has no libasan.so")
+    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0"}
+    code = f"import test_cuda_emulation as t; t.{function}()"
+    return subprocess.run([sys.executable, "-c", code], cwd=str(ROOT / "tests"), env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+def test_no_out_of_bounds_access_under_address_sanitizer():
+    done = run_under_asan("asan_smoke")
+    assert done.returncode == 0 and "asan smoke ok" in done.stdout, done.stderr[-4000:]
+    # ...and ASan is really watching: the faulty kernel's write past shared memory is reported.
+    faulty = run_under_asan("asan_negative_control")
+    assert faulty.returncode != 0 and "heap-buffer-overflow" in faulty.stderr, faulty.stderr[-4000:]
