@@ -101,6 +101,7 @@ struct Runtime {
   size_t last_smem_bytes = 0;
   int last_threads = 0;
   unsigned last_blocks = 0;
+  int64_t last_warp_reductions = 0;  // __reduce_min_sync calls, counted once per warp
 
   std::map<const void*, int> max_dynamic_smem;
   std::vector<Fiber> fibers;
@@ -208,6 +209,7 @@ void launch_kernel(void (*kernel)(KernelArgs...), unsigned blocks, int threads, 
   r.last_smem_bytes = smem_bytes;
   r.last_threads = threads;
   r.last_blocks = blocks;
+  r.last_warp_reductions = 0;
   if (int(r.fibers.size()) < threads) {
     r.fibers.resize(threads);
     for (Fiber& f : r.fibers)
@@ -247,6 +249,7 @@ inline unsigned __reduce_min_sync(unsigned mask, unsigned value) {
   collat_emu::Runtime& r = collat_emu::runtime();
   const unsigned t = threadIdx.x, first = t - t % collat_emu::kWarpSize;
   r.warp_slots[t] = value;
+  if (t % collat_emu::kWarpSize == 0) ++r.last_warp_reductions;
   collat_emu::wait_at(collat_emu::State::AtWarpBarrier);  // every lane has written its value
   unsigned result = r.warp_slots[first];
   for (int lane = 1; lane < collat_emu::kWarpSize; ++lane) result = std::min(result, r.warp_slots[first + lane]);

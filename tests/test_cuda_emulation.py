@@ -156,6 +156,18 @@ def test_launch_plan_for_the_real_shape(emu):
     assert launch["threads"] == 416 and launch["blocks"] == 2 and launch["smem_bytes"] > 77 * 80 * 4
 
 
+def test_warp_reduction_counts(emu):
+    # Greedy: two reductions a choice, one choice a valid token. Optimal: three a Dijkstra step, at
+    # least one step a valid token.
+    pred, target = torch.randn(4, 77, 16), torch.randn(4, 77, 16)
+    lengths = torch.tensor([77, 40, 1, 0])
+    emulated(emu, "greedy_match", pred, target, lengths, "l1")
+    assert emu.last_launch()["warp_reductions"] == 2 * 118
+    emulated(emu, "optimal_match", pred, target, lengths, "l1")
+    steps, rest = divmod(emu.last_launch()["warp_reductions"], 3)
+    assert rest == 0 and steps >= 118
+
+
 @pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
 def test_too_little_shared_memory_is_reported(emu, op_name):
     pred, target = grid_inputs(1, 77, 4)

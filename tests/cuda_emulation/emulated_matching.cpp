@@ -61,6 +61,7 @@ pybind11::dict last_launch() {
   out["blocks"] = r.last_blocks;
   out["threads"] = r.last_threads;
   out["smem_bytes"] = r.last_smem_bytes;
+  out["warp_reductions"] = r.last_warp_reductions;
   return out;
 }
 
