@@ -110,6 +110,7 @@ struct Runtime {
   ucontext_t scheduler;
   Fiber* current = nullptr;
   std::function<void()> body;
+  std::string fault;  // set by a fiber that cannot go on; the scheduler raises it
 };
 
 inline Runtime& runtime() {
@@ -122,6 +123,15 @@ inline void wait_at(State barrier) {
   Fiber* self = r.current;
   self->state = barrier;
   swapcontext(&self->context, &r.scheduler);
+}
+
+// An exception must not unwind through a fiber's stack: the fiber records the fault and leaves for
+// good, and the scheduler raises it.
+inline void fail_in_fiber(const std::string& message) {
+  Runtime& r = runtime();
+  r.fault = message;
+  r.current->state = State::Done;
+  swapcontext(&r.current->context, &r.scheduler);
 }
 
 inline void fiber_entry() {
@@ -165,6 +175,11 @@ inline void run_block(int threads, std::mt19937_64& rng) {
       threadIdx = dim3(f.index);
       r.current = &f;
       swapcontext(&r.scheduler, &f.context);
+      if (!r.fault.empty()) {
+        const std::string fault = std::move(r.fault);
+        r.fault.clear();
+        TORCH_CHECK(false, "emulated CUDA: block ", blockIdx.x, " thread ", f.index, ": ", fault);
+      }
     }
     r.current = nullptr;
     // Every fiber now waits at a barrier or has exited. Open what can be opened.
@@ -240,12 +255,12 @@ void launch_kernel(void (*kernel)(KernelArgs...), unsigned blocks, int threads, 
 inline void __syncthreads() { collat_emu::wait_at(collat_emu::State::AtBlockBarrier); }
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
-  TORCH_CHECK(mask == 0xffffffffu, "emulated CUDA: only full-warp masks are emulated");
+  if (mask != 0xffffffffu) collat_emu::fail_in_fiber("only full-warp masks are emulated");
   collat_emu::wait_at(collat_emu::State::AtWarpBarrier);
 }
 
 inline unsigned __reduce_min_sync(unsigned mask, unsigned value) {
-  TORCH_CHECK(mask == 0xffffffffu, "emulated CUDA: only full-warp masks are emulated");
+  if (mask != 0xffffffffu) collat_emu::fail_in_fiber("only full-warp masks are emulated");
   collat_emu::Runtime& r = collat_emu::runtime();
   const unsigned t = threadIdx.x, first = t - t % collat_emu::kWarpSize;
   r.warp_slots[t] = value;

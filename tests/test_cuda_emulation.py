@@ -208,8 +208,17 @@ def test_empty_batch_and_zero_lengths(emu, op_name):
 # The emulation's own checks: what it must refuse or expose.
 
 def test_emulation_refuses_a_warp_op_after_lanes_exited(emu):
+    emu.configure()
     with pytest.raises(RuntimeError, match="can never pass its barriers"):
         emu.run_faulty("warp_op_after_lanes_exit", 0, torch.empty(0))
+
+
+def test_emulation_reports_what_it_does_not_emulate(emu):
+    emu.configure()
+    with pytest.raises(RuntimeError, match="thread 0: only full-warp masks are emulated"):
+        emu.run_faulty("partial_warp_mask", 0, torch.empty(0))
+    pred = torch.randn(2, 7, 3)  # and it is usable again afterwards
+    assert emulated(emu, "greedy_match", pred, pred, torch.tensor([7, 3]), "l1").shape == (2, 7)
 
 
 def test_emulation_catches_writes_past_shared_memory(emu):

@@ -32,6 +32,8 @@ __global__ void warp_op_after_lanes_exit() {
   __syncwarp();
 }
 
+__global__ void partial_warp_mask() { __syncwarp(0x0000ffffu); }
+
 __global__ void write_past_shared_memory(int floats) {
   if (threadIdx.x == 0) collat::cuda::dynamic_smem()[floats] = 1.f;
 }
@@ -45,6 +47,8 @@ __global__ void read_without_barrier(float* out) {  // thread 0 writes, the othe
 void run_faulty(const std::string& kind, int64_t smem_bytes, at::Tensor out) {
   if (kind == "warp_op_after_lanes_exit")
     collat_emu::launch_kernel(warp_op_after_lanes_exit, 1, 64, 0, nullptr);
+  else if (kind == "partial_warp_mask")
+    collat_emu::launch_kernel(partial_warp_mask, 1, 32, 0, nullptr);
   else if (kind == "write_past_shared_memory")
     collat_emu::launch_kernel(write_past_shared_memory, 1, 32, size_t(smem_bytes), nullptr, int(smem_bytes / 4));
   else if (kind == "read_without_barrier")
