@@ -33,14 +33,13 @@ EMULATED_FILES = [BINDINGS, *sorted((ROOT / "csrc").glob("*_cuda.*")), ROOT / "c
                   ROOT / "csrc" / "cuda_emulation.h"]
 # -ffp-contract=off: no FMA contraction, so each emulated __fadd_rn / __fmul_rn rounds on its own.
 FLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-DCOLLAT_CUDA_EMULATION"]
+# AddressSanitizer build: no guard bytes, so that ASan sees every access past the shared memory.
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-DCOLLAT_EMU_GUARD_BYTES=0"]
 H100_SMEM_OPTIN = 232448
 SCHEDULES = [(order, poison) for order in (0, 1, 2) for poison in (0xFF, 0x00, 0x7F)]  # order: fwd, rev, shuffled
 
 requires_cpu_kernel = pytest.mark.skipif(not _ext.has_kernel("greedy_match", "cpu"), reason="no CPU kernels")
 
-
-# AddressSanitizer build: no guard bytes, so that ASan sees every access past the shared memory.
-ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-DCOLLAT_EMU_GUARD_BYTES=0"]
 
 
 def build_emulation(asan=False):
