@@ -41,7 +41,6 @@ SCHEDULES = [(order, poison) for order in (0, 1, 2) for poison in (0xFF, 0x00, 0
 requires_cpu_kernel = pytest.mark.skipif(not _ext.has_kernel("greedy_match", "cpu"), reason="no CPU kernels")
 
 
-
 def build_emulation(asan=False):
     flags = FLAGS + ASAN_FLAGS if asan else FLAGS
     # The name carries a hash of every emulated file: load() alone would not see a changed header.
