@@ -2,11 +2,14 @@
 // matrix (matching_cuda.h), then its first warp solves the rectangular assignment exactly with
 // shortest augmenting paths (Crouse 2016, as scipy's linear_sum_assignment), potentials in double.
 // Rows are added one at a time; each Dijkstra step scans the unfinished columns in parallel (lane
-// c % 32 owns column c and its path cost) and picks the minimum by (path cost, assigned column last,
-// smaller column) with warp shuffles: the same rule as the CPU solver (optimal_match.cpp), which
+// c % 32 owns column c and its state: in registers for N <= 128, else in shared memory) and picks the
+// minimum by (path cost, assigned column last, smaller column) with warp reductions: the same rule
+// as the CPU solver (optimal_match.cpp), which
 // however starts from an augmenting row reduction: under exactly tied optima the two backends may
 // return different perms of the same cost.
 #include <cfloat>
+#include <cstdlib>
+#include <string>
 
 #include "matching_cuda.h"
 
@@ -146,11 +149,105 @@ __device__ void warp_assignment(const float* dist, int dist_stride, int L, int N
   for (int r = lane; r < L; r += kWarp) out[r] = s.col4row[r];
 }
 
+// The same solver with each lane's column state (v, path cost, done, assigned) in registers: lane
+// owns columns lane + 32 k, k < K, so N <= 32 K. A Dijkstra step then reads only u[i] and the
+// distance row from shared memory, and a new search resets registers instead of shared arrays. Same
+// arithmetic, same order of operations and the same tie rule as warp_assignment: the same perms. The
+// rows seen by a search (other than cur) are exactly the rows of its done, assigned columns, so each
+// column's lane updates its row's u.
+template <int K>
+__device__ __noinline__ void warp_assignment_in_registers(const float* dist, int dist_stride, int L, int N,
+                                                          SolverState s, int64_t* out) {
+  const int lane = threadIdx.x % kWarp;
+  const double inf = __longlong_as_double(0x7ff0000000000000LL);
+  double v[K], path_cost[K];
+  unsigned assigned = 0;  // bit k: column lane + 32 k has a row
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    v[k] = 0.0;
+    if (lane + kWarp * k < N) s.row4col[lane + kWarp * k] = -1;
+  }
+  for (int r = lane; r < L; r += kWarp) {
+    s.u[r] = 0.0;
+    s.col4row[r] = -1;
+  }
+  __syncwarp();
+  for (int cur = 0; cur < L; ++cur) {
+    unsigned done = 0;  // bit k: column lane + 32 k is settled in this search
+#pragma unroll
+    for (int k = 0; k < K; ++k) path_cost[k] = inf;
+    double min_value = 0.0;
+    int i = cur, sink = -1;
+    while (sink < 0) {
+      const double u_i = s.u[i];
+      const float* row = dist + i * dist_stride;
+      double lowest = inf;
+      int lowest_key = 0x7fffffff;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = lane + kWarp * k;
+        if (c >= N || ((done >> k) & 1u)) continue;
+        const double reduced = __dsub_rn(__dsub_rn(__dadd_rn(min_value, solver_cost(row[c])), u_i), v[k]);
+        if (reduced < path_cost[k]) {
+          s.path[c] = i;
+          path_cost[k] = reduced;
+        }
+        const int key = (((assigned >> k) & 1u) ? kAssignedFlag : 0) | c;
+        if (path_cost[k] < lowest || (path_cost[k] == lowest && key < lowest_key)) {
+          lowest = path_cost[k];
+          lowest_key = key;
+        }
+      }
+      const unsigned long long ordered = ordered_bits(lowest);
+      const unsigned high = unsigned(ordered >> 32), low = unsigned(ordered);
+      const unsigned best_high = __reduce_min_sync(0xffffffffu, high);
+      const unsigned best_low = __reduce_min_sync(0xffffffffu, high == best_high ? low : 0xffffffffu);
+      const bool holds_min = high == best_high && low == best_low;
+      const int best_key = int(__reduce_min_sync(0xffffffffu, holds_min ? unsigned(lowest_key) : 0xffffffffu));
+      min_value = from_ordered_bits((static_cast<unsigned long long>(best_high) << 32) | best_low);
+      const int chosen = best_key & (kAssignedFlag - 1);
+      if (chosen % kWarp == lane) done |= 1u << (chosen / kWarp);
+      const int owner = s.row4col[chosen];
+      if (owner < 0)
+        sink = chosen;
+      else
+        i = owner;
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (!((done >> k) & 1u)) continue;
+      const double delta = __dsub_rn(min_value, path_cost[k]);
+      if ((assigned >> k) & 1u) {
+        const int r = s.row4col[lane + kWarp * k];
+        s.u[r] = __dadd_rn(s.u[r], delta);
+      }
+      v[k] = __dsub_rn(v[k], delta);
+    }
+    if (lane == 0) s.u[cur] = __dadd_rn(s.u[cur], min_value);
+    if (sink % kWarp == lane) assigned |= 1u << (sink / kWarp);
+    __syncwarp();  // paths written by their lanes are visible to lane 0
+    if (lane == 0) {
+      for (int c = sink;;) {
+        const int r = s.path[c];
+        s.row4col[c] = r;
+        const int previous = s.col4row[r];
+        s.col4row[r] = c;
+        c = previous;
+        if (r == cur) break;
+      }
+    }
+    __syncwarp();
+  }
+  for (int r = lane; r < L; r += kWarp) out[r] = s.col4row[r];
+}
+
+constexpr int kMaxRegisterColumns = 4;  // columns a lane keeps in registers: N <= 128
+
 template <typename scalar_t, Metric M>
 __global__ void __launch_bounds__(1024)
     optimal_match_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
                          const int64_t* __restrict__ lengths, int64_t* __restrict__ perm, int N, int D, int stride,
-                         int dist_stride, int chunk_floats, float* __restrict__ dist_scratch) {
+                         int dist_stride, int chunk_floats, float* __restrict__ dist_scratch, bool in_registers) {
   float* smem = dynamic_smem();
   const int64_t b = blockIdx.x;
   const int L = clamp_length(lengths[b], N);
@@ -160,7 +257,16 @@ __global__ void __launch_bounds__(1024)
   float* dist = dist_scratch ? dist_scratch + b * N * dist_stride : smem + chunk_floats;
   float* solver_base = smem + chunk_floats + (dist_scratch ? 0 : N * dist_stride);
   block_distances<scalar_t, M>(pred + b * N * D, target + b * N * D, L, N, D, stride, dist_stride, smem, dist);
-  if (threadIdx.x < kWarp) warp_assignment(dist, dist_stride, L, N, carve_solver(solver_base, N), out);
+  if (threadIdx.x >= kWarp) return;
+  const SolverState state = carve_solver(solver_base, N);
+  switch (in_registers ? (N + kWarp - 1) / kWarp : 0) {
+    case 1: warp_assignment_in_registers<1>(dist, dist_stride, L, N, state, out); break;
+    case 2: warp_assignment_in_registers<2>(dist, dist_stride, L, N, state, out); break;
+    case 3: warp_assignment_in_registers<3>(dist, dist_stride, L, N, state, out); break;
+    case 4: warp_assignment_in_registers<4>(dist, dist_stride, L, N, state, out); break;
+    default: warp_assignment(dist, dist_stride, L, N, state, out); break;
+  }
+  static_assert(kMaxRegisterColumns == 4, "the switch above lists every register solver");
 }
 
 at::Tensor optimal_match_cuda(const at::Tensor& pred_in, const at::Tensor& target_in, const at::Tensor& lengths_in,
@@ -180,6 +286,10 @@ at::Tensor optimal_match_cuda(const at::Tensor& pred_in, const at::Tensor& targe
   at::Tensor scratch;
   if (!plan.dist_in_smem) scratch = at::empty({B, N, plan.dist_stride}, pred.options().dtype(at::kFloat));
   float* scratch_ptr = plan.dist_in_smem ? nullptr : scratch.data_ptr<float>();
+  // COLLAT_CUDA_OPTIMAL_SOLVER=shared keeps every column's state in shared memory even where it fits
+  // in registers (for A/B timing and for the tests, which require the same perms from both).
+  const char* solver = std::getenv("COLLAT_CUDA_OPTIMAL_SOLVER");
+  const bool in_registers = N <= kMaxRegisterColumns * kWarp && !(solver && std::string(solver) == "shared");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype_metric(pred.scalar_type(), metric, [&](auto scalar_tag, auto metric_tag) {
     using scalar_t = decltype(scalar_tag);
@@ -188,7 +298,7 @@ at::Tensor optimal_match_cuda(const at::Tensor& pred_in, const at::Tensor& targe
     allow_smem(kernel, plan.smem_bytes);
     launch_kernel(kernel, unsigned(B), plan.threads, plan.smem_bytes, stream, pred.data_ptr<scalar_t>(),
                   target.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), int(N), int(D),
-                  plan.stride, plan.dist_stride, plan.chunk_floats, scratch_ptr);
+                  plan.stride, plan.dist_stride, plan.chunk_floats, scratch_ptr, in_registers);
   });
   return perm;
 }

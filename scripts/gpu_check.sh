@@ -26,5 +26,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     echo "=== bench_$b"
     timeout 150 python3 benchmarks/bench_$b.py --device cuda --out "$OUT/bench_$b.json" 2>&1 | tail -40
   done
+  echo "=== bench_matching, optimal solver state in shared memory (A/B against the register solver above)"
+  COLLAT_CUDA_OPTIMAL_SOLVER=shared timeout 100 python3 benchmarks/bench_matching.py --device cuda --quick \
+    --out "$OUT/bench_matching_shared_solver.json" 2>&1 | tail -12
 fi
 exit $status

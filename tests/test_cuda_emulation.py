@@ -129,6 +129,22 @@ def test_every_schedule_and_poison_gives_the_same_perm(emu, op_name):
         assert torch.equal(emulated(emu, op_name, pred, target, lengths, "l2", schedule, seed=seed), expected)
 
 
+@pytest.mark.parametrize("N", [7, 40, 77, 100, 128])
+def test_register_and_shared_memory_solvers_give_the_same_perms(emu, N, monkeypatch):
+    # N <= 128 keeps each lane's columns in registers (1 to 4 of them); COLLAT_CUDA_OPTIMAL_SOLVER=shared
+    # forces the shared-memory solver. Same arithmetic and tie rule: the same perms, even on a coarse
+    # grid with small D, where exactly tied optima are everywhere.
+    pred, target = grid_inputs(3, N, 5)
+    lengths = torch.tensor([N, N // 2, 1])
+    for metric in METRICS:
+        in_registers = emulated(emu, "optimal_match", pred, target, lengths, metric, seed=N)
+        monkeypatch.setenv("COLLAT_CUDA_OPTIMAL_SOLVER", "shared")
+        shared = emulated(emu, "optimal_match", pred, target, lengths, metric, seed=N)
+        monkeypatch.delenv("COLLAT_CUDA_OPTIMAL_SOLVER")
+        assert torch.equal(in_registers, shared)
+        check_against_scipy(pred, target, lengths, metric, in_registers, exact=metric != "cosine")
+
+
 @pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
 @pytest.mark.parametrize("N,smem", [(77, 20_000), (300, H100_SMEM_OPTIN)])
 def test_distance_matrix_in_global_memory(emu, op_name, N, smem):
