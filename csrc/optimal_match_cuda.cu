@@ -65,6 +65,43 @@ __device__ SolverState carve_solver(void* base, int N) {
   return s;
 }
 
+// Reduced cost of (row i, column c) on the current search: min_value + cost - u_i - v_c, in that order.
+__device__ __forceinline__ double reduced_cost(double min_value, float cost, double u_i, double v_c) {
+  return __dsub_rn(__dsub_rn(__dadd_rn(min_value, solver_cost(cost)), u_i), v_c);
+}
+
+// A lane's candidate: the lowest path cost, then unassigned columns first, then the smaller column.
+__device__ __forceinline__ void keep_lowest(double cost, int key, double& lowest, int& lowest_key) {
+  if (cost < lowest || (cost == lowest && key < lowest_key)) {
+    lowest = cost;
+    lowest_key = key;
+  }
+}
+
+// Lexicographic warp min of (cost, key) in three 32-bit reductions (redux.sync) over the cost's
+// order-preserving bits (high word, low word), then the key. Every lane gets the key and the cost.
+__device__ __forceinline__ int warp_lowest(double lowest, int lowest_key, double& min_value) {
+  const unsigned long long ordered = ordered_bits(lowest);
+  const unsigned high = unsigned(ordered >> 32), low = unsigned(ordered);
+  const unsigned best_high = __reduce_min_sync(0xffffffffu, high);
+  const unsigned best_low = __reduce_min_sync(0xffffffffu, high == best_high ? low : 0xffffffffu);
+  const bool holds_min = high == best_high && low == best_low;
+  min_value = from_ordered_bits((static_cast<unsigned long long>(best_high) << 32) | best_low);
+  return int(__reduce_min_sync(0xffffffffu, holds_min ? unsigned(lowest_key) : 0xffffffffu));
+}
+
+// Flips the shortest augmenting path from row cur to the free column sink (one lane).
+__device__ __forceinline__ void augment(const SolverState& s, int sink, int cur) {
+  for (int c = sink;;) {
+    const int r = s.path[c];
+    s.row4col[c] = r;
+    const int previous = s.col4row[r];
+    s.col4row[r] = c;
+    c = previous;
+    if (r == cur) break;
+  }
+}
+
 __device__ void warp_assignment(const float* dist, int dist_stride, int L, int N, SolverState s, int64_t* out) {
   const int lane = threadIdx.x % kWarp;
   const double inf = __longlong_as_double(0x7ff0000000000000LL);
@@ -94,29 +131,16 @@ __device__ void warp_assignment(const float* dist, int dist_stride, int L, int N
       int lowest_key = 0x7fffffff;
       for (int c = lane; c < N; c += kWarp) {  // a lane only touches its own columns here
         if (s.col_done[c]) continue;
-        const double reduced = __dsub_rn(__dsub_rn(__dadd_rn(min_value, solver_cost(row[c])), u_i), s.v[c]);
+        const double reduced = reduced_cost(min_value, row[c], u_i, s.v[c]);
         double cost = s.path_cost[c];
         if (reduced < cost) {
           s.path[c] = i;
           s.path_cost[c] = reduced;
           cost = reduced;
         }
-        const int key = (s.row4col[c] >= 0 ? kAssignedFlag : 0) | c;
-        if (cost < lowest || (cost == lowest && key < lowest_key)) {
-          lowest = cost;
-          lowest_key = key;
-        }
+        keep_lowest(cost, (s.row4col[c] >= 0 ? kAssignedFlag : 0) | c, lowest, lowest_key);
       }
-      // Lexicographic warp min of (cost, key) in three 32-bit reductions (redux.sync) over the
-      // cost's order-preserving bits (high word, low word), then the key.
-      const unsigned long long ordered = ordered_bits(lowest);
-      const unsigned high = unsigned(ordered >> 32), low = unsigned(ordered);
-      const unsigned best_high = __reduce_min_sync(0xffffffffu, high);
-      const unsigned best_low = __reduce_min_sync(0xffffffffu, high == best_high ? low : 0xffffffffu);
-      const bool holds_min = high == best_high && low == best_low;
-      const int best_key = int(__reduce_min_sync(0xffffffffu, holds_min ? unsigned(lowest_key) : 0xffffffffu));
-      min_value = from_ordered_bits((static_cast<unsigned long long>(best_high) << 32) | best_low);
-      const int chosen = best_key & (kAssignedFlag - 1);
+      const int chosen = warp_lowest(lowest, lowest_key, min_value) & (kAssignedFlag - 1);
       if (chosen % kWarp == lane) s.col_done[chosen] = 1;
       const int owner = s.row4col[chosen];
       if (owner < 0)
@@ -134,16 +158,7 @@ __device__ void warp_assignment(const float* dist, int dist_stride, int L, int N
     for (int c = lane; c < N; c += kWarp)
       if (s.col_done[c]) s.v[c] = __dsub_rn(s.v[c], __dsub_rn(min_value, s.path_cost[c]));
     __syncwarp();
-    if (lane == 0) {
-      for (int c = sink;;) {
-        const int r = s.path[c];
-        s.row4col[c] = r;
-        const int previous = s.col4row[r];
-        s.col4row[r] = c;
-        c = previous;
-        if (r == cur) break;
-      }
-    }
+    if (lane == 0) augment(s, sink, cur);
     __syncwarp();
   }
   for (int r = lane; r < L; r += kWarp) out[r] = s.col4row[r];
@@ -187,25 +202,14 @@ __device__ __noinline__ void warp_assignment_in_registers(const float* dist, int
       for (int k = 0; k < K; ++k) {
         const int c = lane + kWarp * k;
         if (c >= N || ((done >> k) & 1u)) continue;
-        const double reduced = __dsub_rn(__dsub_rn(__dadd_rn(min_value, solver_cost(row[c])), u_i), v[k]);
+        const double reduced = reduced_cost(min_value, row[c], u_i, v[k]);
         if (reduced < path_cost[k]) {
           s.path[c] = i;
           path_cost[k] = reduced;
         }
-        const int key = (((assigned >> k) & 1u) ? kAssignedFlag : 0) | c;
-        if (path_cost[k] < lowest || (path_cost[k] == lowest && key < lowest_key)) {
-          lowest = path_cost[k];
-          lowest_key = key;
-        }
+        keep_lowest(path_cost[k], (((assigned >> k) & 1u) ? kAssignedFlag : 0) | c, lowest, lowest_key);
       }
-      const unsigned long long ordered = ordered_bits(lowest);
-      const unsigned high = unsigned(ordered >> 32), low = unsigned(ordered);
-      const unsigned best_high = __reduce_min_sync(0xffffffffu, high);
-      const unsigned best_low = __reduce_min_sync(0xffffffffu, high == best_high ? low : 0xffffffffu);
-      const bool holds_min = high == best_high && low == best_low;
-      const int best_key = int(__reduce_min_sync(0xffffffffu, holds_min ? unsigned(lowest_key) : 0xffffffffu));
-      min_value = from_ordered_bits((static_cast<unsigned long long>(best_high) << 32) | best_low);
-      const int chosen = best_key & (kAssignedFlag - 1);
+      const int chosen = warp_lowest(lowest, lowest_key, min_value) & (kAssignedFlag - 1);
       if (chosen % kWarp == lane) done |= 1u << (chosen / kWarp);
       const int owner = s.row4col[chosen];
       if (owner < 0)
@@ -226,16 +230,7 @@ __device__ __noinline__ void warp_assignment_in_registers(const float* dist, int
     if (lane == 0) s.u[cur] = __dadd_rn(s.u[cur], min_value);
     if (sink % kWarp == lane) assigned |= 1u << (sink / kWarp);
     __syncwarp();  // paths written by their lanes are visible to lane 0
-    if (lane == 0) {
-      for (int c = sink;;) {
-        const int r = s.path[c];
-        s.row4col[c] = r;
-        const int previous = s.col4row[r];
-        s.col4row[r] = c;
-        c = previous;
-        if (r == cur) break;
-      }
-    }
+    if (lane == 0) augment(s, sink, cur);
     __syncwarp();
   }
   for (int r = lane; r < L; r += kWarp) out[r] = s.col4row[r];

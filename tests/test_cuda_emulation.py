@@ -185,7 +185,8 @@ def test_warp_reduction_counts(emu):
 @pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
 def test_too_little_shared_memory_is_reported(emu, op_name):
     pred, target = grid_inputs(1, 77, 4)
-    with pytest.raises(RuntimeError, match=r"N = 77 needs \d+ bytes of shared memory per block, the device allows 4096"):
+    message = r"N = 77 needs \d+ bytes of shared memory per block, the device allows 4096"
+    with pytest.raises(RuntimeError, match=message):
         emulated(emu, op_name, pred, target, torch.tensor([77]), "l1", smem=4096)
 
 
@@ -221,30 +222,19 @@ def test_empty_batch_and_zero_lengths(emu, op_name):
 
 # The emulation's own checks: what it must refuse or expose.
 
-def test_emulation_refuses_a_warp_op_after_lanes_exited(emu):
+@pytest.mark.parametrize("kind,smem_bytes,message", [
+    ("warp_op_after_lanes_exit", 0, "can never pass its barriers"),
+    ("partial_warp_mask", 0, "thread 0: only full-warp masks are emulated"),
+    ("write_past_shared_memory", 1024, "wrote past the end of its 1024 bytes"),
+    ("write_past_shared_memory", 64 * 1024, "the kernel is allowed 49152"),  # no opt-in above 48 KB
+])
+def test_emulation_refuses_faulty_kernels(emu, kind, smem_bytes, message):
     emu.configure()
-    with pytest.raises(RuntimeError, match="can never pass its barriers"):
-        emu.run_faulty("warp_op_after_lanes_exit", 0, torch.empty(0))
-
-
-def test_emulation_reports_what_it_does_not_emulate(emu):
-    emu.configure()
-    with pytest.raises(RuntimeError, match="thread 0: only full-warp masks are emulated"):
-        emu.run_faulty("partial_warp_mask", 0, torch.empty(0))
+    with pytest.raises(RuntimeError, match=message):
+        emu.run_faulty(kind, smem_bytes, torch.empty(0))
     pred = torch.randn(2, 7, 3)  # and it is usable again afterwards
-    assert emulated(emu, "greedy_match", pred, pred, torch.tensor([7, 3]), "l1").shape == (2, 7)
-
-
-def test_emulation_catches_writes_past_shared_memory(emu):
-    emu.configure()
-    with pytest.raises(RuntimeError, match="wrote past the end of its 1024 bytes"):
-        emu.run_faulty("write_past_shared_memory", 1024, torch.empty(0))
-
-
-def test_emulation_enforces_the_48kb_default_without_the_opt_in(emu):
-    emu.configure()
-    with pytest.raises(RuntimeError, match="the kernel is allowed 49152"):
-        emu.run_faulty("write_past_shared_memory", 64 * 1024, torch.empty(0))
+    perm = emulated(emu, "greedy_match", pred, pred, torch.tensor([7, 3]), "l1")
+    assert torch.equal(perm[1, 3:], torch.full((4,), -1))
 
 
 def test_emulation_exposes_a_missing_barrier(emu):
