@@ -44,6 +44,9 @@ struct dim3 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 

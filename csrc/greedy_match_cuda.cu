@@ -35,7 +35,7 @@ __device__ void warp_greedy(const float* dist, int dist_stride, int L, int N, in
 }
 
 template <typename scalar_t, Metric M>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxThreads)
     greedy_match_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
                         const int64_t* __restrict__ lengths, int64_t* __restrict__ perm, int N, int D, int stride,
                         int dist_stride, int chunk_floats, float* __restrict__ dist_scratch) {

@@ -4,7 +4,7 @@
 // One block per batch item. The [L, N] fp32 distance matrix is computed by 4x4 register tiles (one
 // tile per thread, several passes when there are more tiles than threads), streaming d in chunks of
 // kChunk through shared memory, transposed so that a tile reads 4 target and 4 predicted values
-// with two float4 loads. Each distance is one sequential sum over d with explicitly rounded adds and
+// with two float4 loads; the next chunk is loaded into registers while the current one is computed. Each distance is one sequential sum over d with explicitly rounded adds and
 // multiplies (no FMA), the same arithmetic as the CPU kernel (matching_cpu.h), so perms agree bit for
 // bit. The matrix lives in shared memory when it fits (e.g. N = 77: 24.6 KB; N = 200 on H100/H200),
 // else in a global scratch buffer.
@@ -26,6 +26,7 @@
 #endif
 
 #include <algorithm>
+#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 
@@ -52,6 +53,10 @@ constexpr int kTile = 4;     // a thread's tile: kTile target rows x kTile predi
 constexpr int kChunk = 16;   // d values staged in shared memory per step
 constexpr int kMaxN = 1024;  // the taken-set of a column slot is one bit of a 32-bit lane mask
 constexpr int kWarp = 32;
+// Threads per block at most: 65536 registers / 896 threads leaves each thread 72 registers, enough for
+// the 4x4 tile, the prefetched chunk and the solver without spills, and at N = 77 (416 threads) still
+// two blocks per SM. Larger N takes more passes over its tiles.
+constexpr int kMaxThreads = 896;
 
 struct Plan {
   int threads;
@@ -72,7 +77,7 @@ inline Plan make_plan(int N, size_t extra_bytes) {
   p.dist_stride = n4;
   p.chunk_floats = 2 * kChunk * p.stride + 2 * p.stride;
   const int tiles_per_side = n4 / kTile;
-  p.threads = std::min(1024, std::max(kWarp, round_up_int(tiles_per_side * tiles_per_side, kWarp)));
+  p.threads = std::min(kMaxThreads, std::max(kWarp, round_up_int(tiles_per_side * tiles_per_side, kWarp)));
   const size_t dist_bytes = sizeof(float) * size_t(N) * p.dist_stride;
   const size_t base = sizeof(float) * size_t(p.chunk_floats) + extra_bytes;
   int device = 0, optin_bytes = 0;
@@ -121,20 +126,77 @@ __device__ __forceinline__ void tile_step(float (&acc)[kTile][kTile], const floa
     for (int q = 0; q < kTile; ++q) acc[r][q] = accumulate<M>(acc[r][q], tv[r], pv[q]);
 }
 
+// Staging a chunk: slot q holds 4 consecutive d values (d = k0 + 4 (q % 4) ...) of row q / 4 of the
+// stacked [target rows (padded_l); pred rows (padded_n)], so a warp reads whole 64-byte row segments.
+constexpr int kQuad = 4;
+constexpr int kQuadsPerRow = kChunk / kQuad;
+// Slots per thread loaded into registers while the previous chunk is being computed: the global loads'
+// latency hides behind the arithmetic instead of stalling every chunk (N = 77: 640 slots, 416
+// threads, so every slot is prefetched). Slots beyond these are loaded when the chunk is staged.
+constexpr int kPrefetch = 2;
+
 template <typename scalar_t>
-__device__ __forceinline__ void stage_rows(float* chunk, const scalar_t* __restrict__ rows, int valid_rows,
-                                           int padded_rows, int D, int k0, int kc, int stride) {
-  for (int idx = threadIdx.x; idx < padded_rows * kChunk; idx += blockDim.x) {
-    const int row = idx / kChunk, kk = idx % kChunk;
-    float x = 0.f;
-    if (row < valid_rows && kk < kc) x = static_cast<float>(rows[int64_t(row) * D + k0 + kk]);
-    chunk[kk * stride + row] = x;
+struct alignas(sizeof(scalar_t) * kQuad) Quad {
+  scalar_t v[kQuad];
+};
+
+// One 16-byte (fp32) or 8-byte (fp16/bf16) load of a quad.
+template <typename scalar_t>
+using QuadBits = typename std::conditional<sizeof(scalar_t) == 4, float4, uint2>::type;
+
+template <typename scalar_t>
+struct ChunkLoader {
+  const scalar_t* __restrict__ target;
+  const scalar_t* __restrict__ pred;
+  int L, N, D, padded_l, slots;
+  bool vectorized;  // D % 4 == 0 and both bases aligned to a quad: every in-range quad is one aligned load
+
+  __device__ __forceinline__ Quad<scalar_t> load(int q, int k0) const {
+    const int row_all = q / kQuadsPerRow, d0 = k0 + kQuad * (q % kQuadsPerRow);
+    const bool is_target = row_all < padded_l;
+    const int row = is_target ? row_all : row_all - padded_l;
+    Quad<scalar_t> quad;
+    if (row < (is_target ? L : N) && d0 < D) {
+      const scalar_t* src = (is_target ? target : pred) + int64_t(row) * D + d0;
+      if (vectorized) {
+        *reinterpret_cast<QuadBits<scalar_t>*>(&quad) = *reinterpret_cast<const QuadBits<scalar_t>*>(src);
+        return quad;
+      }
+#pragma unroll
+      for (int e = 0; e < kQuad; ++e) quad.v[e] = d0 + e < D ? src[e] : scalar_t(0.f);
+      return quad;
+    }
+#pragma unroll
+    for (int e = 0; e < kQuad; ++e) quad.v[e] = scalar_t(0.f);
+    return quad;
   }
+
+  // Transposed into the chunk: chunk[kk * stride + row].
+  __device__ __forceinline__ void store(const Quad<scalar_t>& quad, int q, float* t_chunk, float* p_chunk,
+                                        int stride) const {
+    const int row_all = q / kQuadsPerRow, kk0 = kQuad * (q % kQuadsPerRow);
+    float* column = row_all < padded_l ? t_chunk + row_all : p_chunk + (row_all - padded_l);
+#pragma unroll
+    for (int e = 0; e < kQuad; ++e) column[(kk0 + e) * stride] = static_cast<float>(quad.v[e]);
+  }
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ bool is_quad_aligned(const scalar_t* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * kQuad) == 0;
 }
 
 // dist[j * dist_stride + i] for j < L, i < N, one item; all threads of the block take part.
 // smem holds plan.chunk_floats floats. Ends with __syncthreads().
-template <typename scalar_t, Metric M>
+// The optimal solver's view of a distance: NaN as the worst finite cost and infinities clamped, so
+// that the assignment stays feasible (as the CPU solver, optimal_match.cpp).
+__device__ __forceinline__ float solver_cost(float x) {
+  if (x != x) return FLT_MAX;
+  return x > FLT_MAX ? FLT_MAX : (x < -FLT_MAX ? -FLT_MAX : x);
+}
+
+// for_solver: every distance is written through solver_cost.
+template <typename scalar_t, Metric M, bool for_solver = false>
 __device__ void block_distances(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target, int L,
                                 int N, int D, int stride, int dist_stride, float* smem, float* dist) {
   float* t_chunk = smem;
@@ -144,6 +206,10 @@ __device__ void block_distances(const scalar_t* __restrict__ pred, const scalar_
   const int tiles_i = (N + kTile - 1) / kTile, tiles_j = (L + kTile - 1) / kTile;
   const int num_tiles = tiles_i * tiles_j;
   const int padded_l = tiles_j * kTile, padded_n = tiles_i * kTile;
+  const ChunkLoader<scalar_t> loader{target, pred, L, N, D, padded_l, (padded_l + padded_n) * kQuadsPerRow,
+                                     D % kQuad == 0 && is_quad_aligned(target) && is_quad_aligned(pred)};
+  const int slots_per_thread = (loader.slots + blockDim.x - 1) / blockDim.x;
+  Quad<scalar_t> staged[kPrefetch];
   for (int first = 0; first < num_tiles; first += blockDim.x) {
     const int tile = first + threadIdx.x;
     const bool active = tile < num_tiles;
@@ -157,11 +223,39 @@ __device__ void block_distances(const scalar_t* __restrict__ pred, const scalar_
     for (int r = 0; r < kTile; ++r)
 #pragma unroll
       for (int q = 0; q < kTile; ++q) acc[r][q] = 0.f;
+#pragma unroll
+    for (int s = 0; s < kPrefetch; ++s) {
+      const int q = threadIdx.x + s * blockDim.x;
+      if (q < loader.slots) staged[s] = loader.load(q, 0);
+    }
     for (int k0 = 0; k0 < D; k0 += kChunk) {
       const int kc = min(kChunk, D - k0);
       __syncthreads();  // the previous chunk is consumed
-      stage_rows(t_chunk, target, L, padded_l, D, k0, kc, stride);
-      stage_rows(p_chunk, pred, N, padded_n, D, k0, kc, stride);
+#pragma unroll
+      for (int s = 0; s < kPrefetch; ++s) {
+        const int q = threadIdx.x + s * blockDim.x;
+        if (q < loader.slots) loader.store(staged[s], q, t_chunk, p_chunk, stride);
+      }
+      for (int s0 = kPrefetch; s0 < slots_per_thread; s0 += kPrefetch) {  // large N: the rest, now
+        Quad<scalar_t> rest[kPrefetch];
+#pragma unroll
+        for (int s = 0; s < kPrefetch; ++s) {
+          const int q = threadIdx.x + (s0 + s) * blockDim.x;
+          if (q < loader.slots) rest[s] = loader.load(q, k0);
+        }
+#pragma unroll
+        for (int s = 0; s < kPrefetch; ++s) {
+          const int q = threadIdx.x + (s0 + s) * blockDim.x;
+          if (q < loader.slots) loader.store(rest[s], q, t_chunk, p_chunk, stride);
+        }
+      }
+      if (k0 + kChunk < D) {
+#pragma unroll
+        for (int s = 0; s < kPrefetch; ++s) {
+          const int q = threadIdx.x + s * blockDim.x;
+          if (q < loader.slots) staged[s] = loader.load(q, k0 + kChunk);
+        }
+      }
       __syncthreads();
       if (norms) {
         for (int r = threadIdx.x; r < L + N; r += blockDim.x) {
@@ -206,7 +300,7 @@ __device__ void block_distances(const scalar_t* __restrict__ pred, const scalar_
               const float denom = norms_product > kCosineEps ? norms_product : kCosineEps;
               value = __fsub_rn(1.f, __fdiv_rn(value, denom));
             }
-            dist[j * dist_stride + i] = value;
+            dist[j * dist_stride + i] = for_solver ? solver_cost(value) : value;
           }
         }
     }

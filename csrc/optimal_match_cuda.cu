@@ -19,11 +19,6 @@ namespace {
 
 constexpr int kAssignedFlag = 1 << 20;  // above every column index (N <= kMaxN)
 
-__device__ __forceinline__ double solver_cost(float x) {
-  if (x != x) return FLT_MAX;  // NaN: worst finite cost keeps the problem feasible
-  return x > FLT_MAX ? FLT_MAX : (x < -FLT_MAX ? -FLT_MAX : x);
-}
-
 // Unsigned integers that order like the doubles (-0 taken as +0, so that it ties with +0).
 __device__ __forceinline__ unsigned long long ordered_bits(double x) {
   const unsigned long long bits = static_cast<unsigned long long>(__double_as_longlong(__dadd_rn(x, 0.0)));
@@ -66,8 +61,9 @@ __device__ SolverState carve_solver(void* base, int N) {
 }
 
 // Reduced cost of (row i, column c) on the current search: min_value + cost - u_i - v_c, in that order.
+// cost is finite: block_distances wrote it through solver_cost.
 __device__ __forceinline__ double reduced_cost(double min_value, float cost, double u_i, double v_c) {
-  return __dsub_rn(__dsub_rn(__dadd_rn(min_value, solver_cost(cost)), u_i), v_c);
+  return __dsub_rn(__dsub_rn(__dadd_rn(min_value, double(cost)), u_i), v_c);
 }
 
 // A lane's candidate: the lowest path cost, then unassigned columns first, then the smaller column.
@@ -171,7 +167,7 @@ __device__ void warp_assignment(const float* dist, int dist_stride, int L, int N
 // rows seen by a search (other than cur) are exactly the rows of its done, assigned columns, so each
 // column's lane updates its row's u.
 template <int K>
-__device__ __noinline__ void warp_assignment_in_registers(const float* dist, int dist_stride, int L, int N,
+__device__ __forceinline__ void warp_assignment_in_registers(const float* dist, int dist_stride, int L, int N,
                                                           SolverState s, int64_t* out) {
   const int lane = threadIdx.x % kWarp;
   const double inf = __longlong_as_double(0x7ff0000000000000LL);
@@ -199,15 +195,15 @@ __device__ __noinline__ void warp_assignment_in_registers(const float* dist, int
       double lowest = inf;
       int lowest_key = 0x7fffffff;
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
+      for (int k = 0; k < K; ++k) {  // selects rather than branches: one path for every lane
         const int c = lane + kWarp * k;
-        if (c >= N || ((done >> k) & 1u)) continue;
-        const double reduced = reduced_cost(min_value, row[c], u_i, v[k]);
-        if (reduced < path_cost[k]) {
-          s.path[c] = i;
-          path_cost[k] = reduced;
-        }
-        keep_lowest(path_cost[k], (((assigned >> k) & 1u) ? kAssignedFlag : 0) | c, lowest, lowest_key);
+        const bool open = c < N && !((done >> k) & 1u);
+        const double reduced = reduced_cost(min_value, row[c < N ? c : N - 1], u_i, v[k]);
+        const bool better = open && reduced < path_cost[k];
+        if (better) s.path[c] = i;
+        path_cost[k] = better ? reduced : path_cost[k];
+        keep_lowest(open ? path_cost[k] : inf, open ? ((((assigned >> k) & 1u) ? kAssignedFlag : 0) | c) : 0x7fffffff,
+                    lowest, lowest_key);
       }
       const int chosen = warp_lowest(lowest, lowest_key, min_value) & (kAssignedFlag - 1);
       if (chosen % kWarp == lane) done |= 1u << (chosen / kWarp);
@@ -239,7 +235,7 @@ __device__ __noinline__ void warp_assignment_in_registers(const float* dist, int
 constexpr int kMaxRegisterColumns = 4;  // columns a lane keeps in registers: N <= 128
 
 template <typename scalar_t, Metric M>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxThreads)
     optimal_match_kernel(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target,
                          const int64_t* __restrict__ lengths, int64_t* __restrict__ perm, int N, int D, int stride,
                          int dist_stride, int chunk_floats, float* __restrict__ dist_scratch, bool in_registers) {
@@ -251,7 +247,8 @@ __global__ void __launch_bounds__(1024)
   if (L == 0) return;
   float* dist = dist_scratch ? dist_scratch + b * N * dist_stride : smem + chunk_floats;
   float* solver_base = smem + chunk_floats + (dist_scratch ? 0 : N * dist_stride);
-  block_distances<scalar_t, M>(pred + b * N * D, target + b * N * D, L, N, D, stride, dist_stride, smem, dist);
+  block_distances<scalar_t, M, /*for_solver=*/true>(pred + b * N * D, target + b * N * D, L, N, D, stride,
+                                                    dist_stride, smem, dist);
   if (threadIdx.x >= kWarp) return;
   const SolverState state = carve_solver(solver_base, N);
   switch (in_registers ? (N + kWarp - 1) / kWarp : 0) {

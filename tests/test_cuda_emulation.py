@@ -24,7 +24,7 @@ import torch
 from torch.utils import cpp_extension
 
 from collat import _ext, reference
-from test_matching import DTYPES, METRICS, grid_inputs, random_lengths
+from test_matching import DTYPES, METRICS, grid_inputs, kernel_distances, random_lengths
 from test_optimal_match import check_against_scipy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def schedule_for(*values):
 
 
 # (B, N, D): N in {1, 7, 77, 200}; D not a multiple of the kernels' 16-wide chunk; N = 200 takes
-# several passes of 4x4 tiles over its 1024 threads.
+# several passes of 4x4 tiles over its 896 threads.
 SHAPES = [(4, 1, 3), (6, 7, 1), (3, 7, 33), (5, 77, 3), (3, 77, 40), (2, 200, 17)]
 
 
@@ -118,6 +118,41 @@ def test_bit_for_bit_with_the_cpu_kernel_on_continuous_inputs(emu, op_name, metr
     lengths = torch.tensor([77, 31, 0])
     perm = emulated(emu, op_name, pred, target, lengths, metric, schedule_for(len(op_name), len(metric)))
     assert torch.equal(perm, getattr(torch.ops.collat, op_name)(pred, target, lengths, metric))
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
+@pytest.mark.parametrize("N,D,offset", [(21, 40, 0), (21, 33, 0), (77, 64, 1), (77, 68, 0), (300, 20, 0)])
+def test_every_staging_path(emu, op_name, N, D, offset, dtype):
+    # A chunk is staged as quads of 4 d values: one vector load each where D % 4 == 0 and the inputs
+    # are aligned (offset 0), else 4 scalar loads (D = 33, or a base 1 element off). Up to 2 quads a
+    # thread are prefetched during the previous chunk; N = 21 (32 x 6 slots on 64 threads) and N = 300
+    # (2,400 on 896) stage the rest when the chunk is stored. D = 68: a last chunk of 4.
+    B = 3
+    storage = torch.randn(2, B * N * D + offset).to(dtype)
+    pred, target = (storage[k, offset:].view(B, N, D) for k in range(2))
+    lengths = torch.tensor([N, N // 2, 1])
+    perm = emulated(emu, op_name, pred, target, lengths, "l1", schedule_for(N, D, offset), seed=D)
+    assert torch.equal(perm, getattr(torch.ops.collat, op_name)(pred, target, lengths, "l1"))
+
+
+@requires_cpu_kernel
+def test_the_exact_tie_seen_on_an_h200(emu):
+    """The one item of 18,432 where the CUDA and CPU optimal solvers disagreed on an H200 (2026-11-26,
+    fp16, L1, D = 768, the valid rows kept; captured by scripts/capture_optimal_mismatches.py): two
+    optima of exactly equal total cost. The emulated kernel returns the GPU's perm, the CPU kernel the
+    other, and the costs are equal."""
+    case = torch.load(ROOT / "tests" / "data" / "optimal_tie_h200.pt")
+    pred, L = case["pred"][None], case["target"].shape[0]
+    target = torch.cat([case["target"], torch.zeros(pred.shape[1] - L, pred.shape[2], dtype=pred.dtype)])[None]
+    lengths = torch.tensor([L])
+    gpu = emulated(emu, "optimal_match", pred, target, lengths, case["metric"])[0, :L]
+    cpu = torch.ops.collat.optimal_match(pred, target, lengths, case["metric"])[0, :L]
+    assert torch.equal(gpu, case["gpu"]) and torch.equal(cpu, case["cpu"]) and not torch.equal(gpu, cpu)
+    dist = kernel_distances(target, pred, case["metric"])[0].double()
+    rows = torch.arange(L)
+    assert dist[rows, gpu].sum() == dist[rows, cpu].sum()
 
 
 @pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])
