@@ -13,8 +13,9 @@ check_lengths=False skips it and clamps lengths into [0, N] instead), then runs 
 of collat._C for the device (C++ on CPU, CUDA on GPU) or, where that is missing, the plain-PyTorch
 reference (collat.reference). Both kernels compute every distance as one sequential fp32 sum over
 D, so their greedy perms are bit-identical, and match the reference exactly wherever the
-reference's own rounding does not flip a near-tie. Their optimal perms have the same (minimum) cost; they may differ only between assignments
-of exactly equal cost, as the two solvers start differently.
+reference's own rounding does not flip a near-tie. Their optimal perms have the same (minimum)
+cost; they may differ only between assignments of exactly equal cost, as the two solvers start
+differently (fp32 distances put totals on a grid, so such ties occur even on continuous inputs).
 The matching is not differentiable (perm is an index tensor).
 """
 from __future__ import annotations

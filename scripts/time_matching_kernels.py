@@ -86,7 +86,8 @@ def main():
                            with_solver("shared", lambda: ops.optimal_match(pred, target, lengths, metric))())
         row = dict(B=B, N=N, D=D, metric=metric, dtype=str(dtype).replace("torch.", ""), greedy_kernel_us=greedy_k,
                    optimal_register_kernel_us=opt_reg_k, optimal_shared_kernel_us=opt_smem_k,
-                   greedy_python_us=greedy_py, greedy_python_unchecked_us=greedy_unchecked, optimal_python_us=opt_py, reference_us=ref,
+                   greedy_python_us=greedy_py, greedy_python_unchecked_us=greedy_unchecked,
+                   optimal_python_us=opt_py, reference_us=ref,
                    solvers_give_same_perm=same)
         rows.append(row)
         case = f"B={B} D={D} {metric} {row['dtype']}"
