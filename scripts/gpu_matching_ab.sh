@@ -1,38 +1,29 @@
 #!/usr/bin/env bash
 # A/B of the CUDA matching kernels on a lent GPU, in one call: the working tree's csrc/ against a
 # baseline csrc/ (a folder, e.g. `git archive OLD csrc | tar -x -C .old_csrc --strip-components=1`,
-# carried). Builds both at once, times both with scripts/time_matching_kernels.py on the same card,
-# then runs the matching GPU tests and bench_matching on the working tree. Results go to $OUT.
-# Usage on the device machine: bash scripts/gpu_matching_ab.sh .old_csrc
+# carried). The baseline builds while `scripts/gpu_check.sh matching` builds, times, tests and
+# benchmarks the working tree; then the baseline is timed on the same card and both are compared.
+# Results go to $OUT. Usage on the device machine: bash scripts/gpu_matching_ab.sh .old_csrc
 set -uo pipefail
 cd "$(dirname "$0")/.."
 baseline="${1:?usage: gpu_matching_ab.sh BASELINE_CSRC_DIR}"
-OUT="${OUT:-results}"; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+export OUT="${OUT:-results}" PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" \
+  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+mkdir -p "$OUT"
 t0=$(date +%s)
 old=/tmp/collat_baseline
 rm -rf "$old" && mkdir -p "$old" && cp -r collat kernels scripts setup.py "$old"/ && rm -f "$old"/collat/_C*.so
 cp -r "$baseline" "$old/csrc" && ln -s ../kernels "$old/collat/kernels"
 (cd "$old" && MAX_JOBS=8 python3 setup.py build_ext --inplace > "$OUT/build_baseline.log" 2>&1; echo "rc $?" >> "$OUT/build_baseline.log") &
-if ! MAX_JOBS=8 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "build FAILED"; exit 1
-fi
+GPU_CHECK_SECONDS=0 MAX_JOBS=8 bash scripts/gpu_check.sh matching  # 0: no time left for the Triton tests
+status=$?
 wait
-tail -1 "$OUT/build_baseline.log"; echo "builds: $(( $(date +%s) - t0 )) s"
-echo "=== working tree"
-timeout 90 python3 scripts/time_matching_kernels.py --out "$OUT/kernels_new.json" 2>&1
+echo "baseline build: $(tail -1 "$OUT/build_baseline.log")"
+[ -f "$OUT/matching_kernels.json" ] || { echo "no timing of the working tree"; exit 1; }
 echo "=== baseline"
 (cd "$old" && timeout 90 python3 scripts/time_matching_kernels.py --out "$OUT/kernels_baseline.json" 2>&1)
-echo "=== GPU tests of the matching ops (working tree)"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matching.py tests/test_optimal_match.py \
-  > "$OUT/gpu_tests_matching.log" 2>&1
-status=$?
-tail -15 "$OUT/gpu_tests_matching.log"
-echo "=== bench_matching (working tree)"
-timeout 120 python3 benchmarks/bench_matching.py --device cuda --out "$OUT/bench_matching.json" 2>&1 | tail -34
 echo "=== A/B, kernel medians in microseconds (same card, same call)"
-python3 - "$OUT/kernels_baseline.json" "$OUT/kernels_new.json" <<'PY'
+python3 - "$OUT/kernels_baseline.json" "$OUT/matching_kernels.json" <<'PY'
 import json, sys
 old, new = (json.load(open(p)) for p in sys.argv[1:3])
 print(new["device"])
