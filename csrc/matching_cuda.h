@@ -7,8 +7,8 @@
 // with two float4 loads; the next chunk is loaded into registers while the current one is computed
 // (on an H200 that made the greedy kernel 1.75x faster at B = 256). Each distance is one sequential
 // sum over d with explicitly rounded adds and multiplies (no FMA), the same arithmetic as the CPU
-// kernel (matching_cpu.h), so perms agree bit for bit. The matrix lives in shared memory when it fits (e.g. N = 77: 24.6 KB; N = 200 on H100/H200),
-// else in a global scratch buffer.
+// kernel (matching_cpu.h), so perms agree bit for bit. The matrix lives in shared memory when it
+// fits (e.g. N = 77: 24.6 KB; N = 200 on H100/H200), else in a global scratch buffer.
 //
 // With -DCOLLAT_CUDA_EMULATION this code compiles as plain C++ against cuda_emulation.h, which the
 // CPU tests use to run the kernels without a GPU (tests/test_cuda_emulation.py).
@@ -180,6 +180,24 @@ struct ChunkLoader {
 #pragma unroll
     for (int e = 0; e < kQuad; ++e) column[(kk0 + e) * stride] = static_cast<float>(quad.v[e]);
   }
+
+  // This thread's slots s0 .. s0 + kPrefetch - 1 (slot threadIdx.x + s * blockDim.x), all loads first.
+  __device__ __forceinline__ void load_group(Quad<scalar_t> (&quads)[kPrefetch], int s0, int k0) const {
+#pragma unroll
+    for (int s = 0; s < kPrefetch; ++s) {
+      const int q = threadIdx.x + (s0 + s) * blockDim.x;
+      if (q < slots) quads[s] = load(q, k0);
+    }
+  }
+
+  __device__ __forceinline__ void store_group(const Quad<scalar_t> (&quads)[kPrefetch], int s0, float* t_chunk,
+                                              float* p_chunk, int stride) const {
+#pragma unroll
+    for (int s = 0; s < kPrefetch; ++s) {
+      const int q = threadIdx.x + (s0 + s) * blockDim.x;
+      if (q < slots) store(quads[s], q, t_chunk, p_chunk, stride);
+    }
+  }
 };
 
 template <typename scalar_t>
@@ -187,8 +205,6 @@ __device__ __forceinline__ bool is_quad_aligned(const scalar_t* p) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * kQuad) == 0;
 }
 
-// dist[j * dist_stride + i] for j < L, i < N, one item; all threads of the block take part.
-// smem holds plan.chunk_floats floats. Ends with __syncthreads().
 // The optimal solver's view of a distance: NaN as the worst finite cost and infinities clamped, so
 // that the assignment stays feasible (as the CPU solver, optimal_match.cpp).
 __device__ __forceinline__ float solver_cost(float x) {
@@ -196,7 +212,9 @@ __device__ __forceinline__ float solver_cost(float x) {
   return x > FLT_MAX ? FLT_MAX : (x < -FLT_MAX ? -FLT_MAX : x);
 }
 
-// for_solver: every distance is written through solver_cost.
+// dist[j * dist_stride + i] for j < L, i < N, one item; all threads of the block take part.
+// smem holds plan.chunk_floats floats. Ends with __syncthreads(). for_solver: every distance is
+// written through solver_cost.
 template <typename scalar_t, Metric M, bool for_solver = false>
 __device__ void block_distances(const scalar_t* __restrict__ pred, const scalar_t* __restrict__ target, int L,
                                 int N, int D, int stride, int dist_stride, float* smem, float* dist) {
@@ -224,39 +242,17 @@ __device__ void block_distances(const scalar_t* __restrict__ pred, const scalar_
     for (int r = 0; r < kTile; ++r)
 #pragma unroll
       for (int q = 0; q < kTile; ++q) acc[r][q] = 0.f;
-#pragma unroll
-    for (int s = 0; s < kPrefetch; ++s) {
-      const int q = threadIdx.x + s * blockDim.x;
-      if (q < loader.slots) staged[s] = loader.load(q, 0);
-    }
+    loader.load_group(staged, 0, 0);
     for (int k0 = 0; k0 < D; k0 += kChunk) {
       const int kc = min(kChunk, D - k0);
       __syncthreads();  // the previous chunk is consumed
-#pragma unroll
-      for (int s = 0; s < kPrefetch; ++s) {
-        const int q = threadIdx.x + s * blockDim.x;
-        if (q < loader.slots) loader.store(staged[s], q, t_chunk, p_chunk, stride);
-      }
+      loader.store_group(staged, 0, t_chunk, p_chunk, stride);
       for (int s0 = kPrefetch; s0 < slots_per_thread; s0 += kPrefetch) {  // large N: the rest, now
         Quad<scalar_t> rest[kPrefetch];
-#pragma unroll
-        for (int s = 0; s < kPrefetch; ++s) {
-          const int q = threadIdx.x + (s0 + s) * blockDim.x;
-          if (q < loader.slots) rest[s] = loader.load(q, k0);
-        }
-#pragma unroll
-        for (int s = 0; s < kPrefetch; ++s) {
-          const int q = threadIdx.x + (s0 + s) * blockDim.x;
-          if (q < loader.slots) loader.store(rest[s], q, t_chunk, p_chunk, stride);
-        }
+        loader.load_group(rest, s0, k0);
+        loader.store_group(rest, s0, t_chunk, p_chunk, stride);
       }
-      if (k0 + kChunk < D) {
-#pragma unroll
-        for (int s = 0; s < kPrefetch; ++s) {
-          const int q = threadIdx.x + s * blockDim.x;
-          if (q < loader.slots) staged[s] = loader.load(q, k0 + kChunk);
-        }
-      }
+      if (k0 + kChunk < D) loader.load_group(staged, 0, k0 + kChunk);
       __syncthreads();
       if (norms) {
         for (int r = threadIdx.x; r < L + N; r += blockDim.x) {
