@@ -4,8 +4,8 @@
 // headers); the real build never includes it.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on one OS thread. A fiber runs until it reaches
-// a barrier (__syncthreads, or the warp-wide __syncwarp / __reduce_min_sync) or returns; a barrier
-// opens when every live thread of its block (warp) waits at it. The order in which fibers run
+// a barrier (__syncthreads, or the warp-wide __syncwarp / __reduce_min_sync / __reduce_max_sync) or
+// returns; a barrier opens when every live thread of its block (warp) waits at it. The order in which fibers run
 // between barriers is chosen per launch (forward, reverse, shuffled), so a data race between
 // barriers shows up as results that depend on the order. The emulator refuses, with an error saying
 // why: a barrier that can never open (__syncthreads under divergence, a warp op after lanes exited),
@@ -105,7 +105,7 @@ struct Runtime {
   size_t last_smem_bytes = 0;
   int last_threads = 0;
   unsigned last_blocks = 0;
-  int64_t last_warp_reductions = 0;  // __reduce_min_sync calls, counted once per warp
+  int64_t last_warp_reductions = 0;  // __reduce_min_sync / __reduce_max_sync calls, once per warp
 
   std::map<const void*, int> max_dynamic_smem;
   std::vector<Fiber> fibers;
@@ -263,17 +263,28 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   collat_emu::wait_at(collat_emu::State::AtWarpBarrier);
 }
 
-inline unsigned __reduce_min_sync(unsigned mask, unsigned value) {
-  if (mask != 0xffffffffu) collat_emu::fail_in_fiber("only full-warp masks are emulated");
-  collat_emu::Runtime& r = collat_emu::runtime();
-  const unsigned t = threadIdx.x, first = t - t % collat_emu::kWarpSize;
+namespace collat_emu {
+template <typename Op>
+unsigned warp_reduce(unsigned mask, unsigned value, Op op) {
+  if (mask != 0xffffffffu) fail_in_fiber("only full-warp masks are emulated");
+  Runtime& r = runtime();
+  const unsigned t = threadIdx.x, first = t - t % kWarpSize;
   r.warp_slots[t] = value;
-  if (t % collat_emu::kWarpSize == 0) ++r.last_warp_reductions;
-  collat_emu::wait_at(collat_emu::State::AtWarpBarrier);  // every lane has written its value
+  if (t % kWarpSize == 0) ++r.last_warp_reductions;
+  wait_at(State::AtWarpBarrier);  // every lane has written its value
   unsigned result = r.warp_slots[first];
-  for (int lane = 1; lane < collat_emu::kWarpSize; ++lane) result = std::min(result, r.warp_slots[first + lane]);
-  collat_emu::wait_at(collat_emu::State::AtWarpBarrier);  // every lane has read them all
+  for (int lane = 1; lane < kWarpSize; ++lane) result = op(result, r.warp_slots[first + lane]);
+  wait_at(State::AtWarpBarrier);  // every lane has read them all
   return result;
+}
+}  // namespace collat_emu
+
+inline unsigned __reduce_min_sync(unsigned mask, unsigned value) {
+  return collat_emu::warp_reduce(mask, value, [](unsigned a, unsigned b) { return std::min(a, b); });
+}
+
+inline unsigned __reduce_max_sync(unsigned mask, unsigned value) {
+  return collat_emu::warp_reduce(mask, value, [](unsigned a, unsigned b) { return std::max(a, b); });
 }
 
 inline int min(int a, int b) { return a < b ? a : b; }
@@ -293,6 +304,11 @@ inline unsigned __float_as_uint(float x) {
   unsigned u;
   std::memcpy(&u, &x, sizeof u);
   return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
 }
 inline float __int_as_float(int i) {
   float x;

@@ -1,11 +1,12 @@
 // CPU kernel of collat::optimal_match: per item (in parallel over the batch), the [L, N] fp32
 // distance matrix, then an exact rectangular assignment of the L valid rows to distinct columns:
-// Jonker-Volgenant's augmenting row reduction assigns most rows, then a shortest augmenting path
-// for each row left (Crouse 2016, the algorithm behind scipy's linear_sum_assignment), with the
-// potentials in double (costs stay fp32: they are exact in double). Row scans are vectorised
-// (AVX2, 4 doubles). A Dijkstra step settles the cheapest column by path cost, a free column before
-// an assigned one on ties, then the smaller index. Under exact ties the perm may differ from the
-// CUDA kernel's (which starts from an empty assignment); the total cost does not.
+// a row and column reduction when it is (nearly) square, Jonker-Volgenant's augmenting row
+// reduction, which assigns most rows, then a shortest augmenting path for each row left (Crouse
+// 2016, the algorithm behind scipy's linear_sum_assignment), with the potentials in double (costs
+// stay fp32: they are exact in double). Row scans are vectorised (AVX2, 4 doubles). A Dijkstra step
+// settles the cheapest column by path cost, a free column before an assigned one on ties, then the
+// smaller index. Under exact ties the perm may differ from the CUDA kernel's (which has no
+// augmenting row reduction); the total cost does not.
 #include <cfloat>
 #include <limits>
 #include <numeric>
@@ -171,15 +172,16 @@ inline TwoSmallest two_smallest(const float* cost, int64_t N, const AssignmentSc
 }
 
 // Jonker-Volgenant's augmenting row reduction, kept valid for rectangular problems: each free row
-// takes its cheapest column j1 (lowering v[j1] by the gap to its second cheapest, so v <= 0 and
-// every reduced cost stays >= 0) and evicts j1's row, which tries again. Columns never become free,
-// so free columns keep v = 0. Leaves u tight on the assigned rows; the rows still free go to the
-// shortest augmenting paths.
+// takes its cheapest column j1 (lowering v[j1] by the gap to its second cheapest, so every reduced
+// cost stays >= 0) and evicts j1's row, which tries again. Columns never become free, so when L < N,
+// where v starts at 0, the free columns keep v = 0. Leaves u tight on the assigned rows; the rows
+// still free go to the shortest augmenting paths.
 void augmenting_row_reduction(const float* cost, int64_t stride, int64_t L, int64_t N, AssignmentScratch& s) {
   s.todo.resize(L);
   std::iota(s.todo.begin(), s.todo.end(), int64_t(0));
   // Progress is certain only in exact arithmetic, and late steps shuffle tiny gaps: bound the work
-  // (3 steps a row measured best at B=256, N=L=77). Rows left free go to the augmenting paths.
+  // (3 steps a row measured best at B=256, N=L=77 from v = 0; after the square start of
+  // start_potentials, 1 to 3 measured alike). Rows left free go to the augmenting paths.
   int64_t budget = 3 * L + 16;
   for (int pass = 0; pass < 2 && !s.todo.empty(); ++pass) {
     s.later.clear();
@@ -210,28 +212,69 @@ void augmenting_row_reduction(const float* cost, int64_t stride, int64_t L, int6
   }
 }
 
-// Assigns rows 0..L-1 of dist ([L, stride], first N columns used, stride >= N rounded up to 4) to
-// distinct columns; out[j] = column. dist is sanitised in place (NaN, +-inf) and its padding
-// columns set to +inf, which no path ever takes.
-void solve_assignment(float* dist, int64_t L, int64_t N, int64_t stride, AssignmentScratch& s, int64_t* out) {
+// Rows the solver works on: L, or N when N - L <= N / 16 (dummy rows, see start_potentials). The
+// CUDA solver pads up to N / 8 missing rows; here the augmenting row reduction already does well
+// on rectangular problems: at B = 256, N = 77, D = 512 (1 thread) padding took 51.9 rather than
+// 58.2 ms at L = 76, about the same at L = 72, and 48.6 rather than 46.3 ms at L = 68.
+inline int64_t solver_rows(int64_t L, int64_t N) { return N - L <= N / 16 ? N : L; }
+
+// Square and nearly square problems start from a row then a column reduction, as Jonker-Volgenant
+// do: u_i = min_c cost(i, c), v_c = min_i (cost(i, c) - u_i); every reduced cost stays >= 0 and the
+// augmenting row reduction and the paths have far less left to do. A rectangular problem cannot
+// start so (a column left unassigned must keep v = 0), but one with few rows missing is made square by
+// dummy rows of equal cost, the largest real one: every full assignment pays it once per dummy row,
+// so the real rows' optimum is the same (optimal_match_cuda.cu, start_potentials, says more).
+// dist has `rows` rows of `stride`; rows L .. rows - 1 are written here.
+void start_potentials(float* dist, int64_t stride, int64_t rows, int64_t L, int64_t N, AssignmentScratch& s) {
+  std::fill(s.u.begin(), s.u.end(), 0.0);
+  if (rows != N) return;
+  float highest = -FLT_MAX;
+  for (int64_t r = 0; r < L; ++r) {
+    const float* row = dist + r * stride;
+    float lowest = row[0];
+    for (int64_t c = 0; c < N; ++c) {
+      lowest = row[c] < lowest ? row[c] : lowest;
+      highest = row[c] > highest ? row[c] : highest;
+    }
+    s.u[r] = lowest;
+  }
+  for (int64_t r = L; r < N; ++r) std::fill(dist + r * stride, dist + r * stride + N, highest);
+  for (int64_t c = 0; c < N; ++c) s.v[c] = double(dist[c]) - s.u[0];
+  for (int64_t r = 1; r < N; ++r) {
+    const float* row = dist + r * stride;
+    for (int64_t c = 0; c < N; ++c) {
+      const double reduced = double(row[c]) - s.u[r];
+      s.v[c] = reduced < s.v[c] ? reduced : s.v[c];
+    }
+  }
+}
+
+// Assigns rows 0 .. rows - 1 of dist ([rows, stride], first N columns used, stride >= N rounded up
+// to 4; rows = solver_rows(L, N)) to distinct columns; out[j] = column for j < L. dist is sanitised in
+// place (NaN, +-inf), its dummy rows written, and its padding columns set to +inf, which no path
+// ever takes.
+void solve_assignment(float* dist, int64_t rows, int64_t L, int64_t N, int64_t stride, AssignmentScratch& s,
+                      int64_t* out) {
   const double inf = std::numeric_limits<double>::infinity();
   const int64_t Nc = cpu::round_up(N, kSolverLanes);
   TORCH_INTERNAL_ASSERT(stride >= Nc);
-  s.u.resize(L);
+  s.u.resize(rows);
   s.v.assign(Nc, 0.0);
   s.path_cost.resize(Nc);
   s.path.assign(Nc, -1);
   s.done.assign(Nc, 0);
   s.row4col.assign(Nc, -1);
-  s.col4row.assign(L, -1);
-  for (int64_t r = 0; r < L; ++r) {
+  s.col4row.assign(rows, -1);
+  for (int64_t r = 0; r < rows; ++r) {
     float* row = dist + r * stride;
-    for (int64_t c = 0; c < N; ++c) row[c] = solver_cost(row[c]);
+    if (r < L)
+      for (int64_t c = 0; c < N; ++c) row[c] = solver_cost(row[c]);
     for (int64_t c = N; c < Nc; ++c) row[c] = std::numeric_limits<float>::infinity();
   }
-  augmenting_row_reduction(dist, stride, L, N, s);
+  start_potentials(dist, stride, rows, L, N, s);
+  augmenting_row_reduction(dist, stride, rows, N, s);
   const bool avx2 = cpu::cpu_has_avx2();
-  for (int64_t cur = 0; cur < L; ++cur) {
+  for (int64_t cur = 0; cur < rows; ++cur) {
     if (s.col4row[cur] >= 0) continue;
     s.u[cur] = two_smallest(dist + cur * stride, N, s).first_value;
     std::fill(s.path_cost.begin(), s.path_cost.end(), inf);
@@ -282,9 +325,10 @@ at::Tensor optimal_match_cpu(const at::Tensor& pred_in, const at::Tensor& target
   int64_t* perm_ptr = perm.data_ptr<int64_t>();
   cpu::for_each_item(pred, target, lengths, metric, [&](int64_t b, int64_t L, const cpu::PackedItem* item) {
     if (L == 0) return;
-    const int64_t stride = cpu::full_distances(*item);
+    const int64_t stride = cpu::full_distances(*item), rows = solver_rows(L, N);
+    item->s->dist.resize(rows * stride);
     thread_local AssignmentScratch scratch;
-    solve_assignment(item->s->dist.data(), L, N, stride, scratch, perm_ptr + b * N);
+    solve_assignment(item->s->dist.data(), rows, L, N, stride, scratch, perm_ptr + b * N);
   });
   return perm;
 }

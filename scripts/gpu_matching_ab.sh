@@ -27,12 +27,12 @@ python3 - "$OUT/kernels_baseline.json" "$OUT/matching_kernels.json" <<'PY'
 import json, sys
 old, new = (json.load(open(p)) for p in sys.argv[1:3])
 print(new["device"])
-print(f"{'case':<26}{'greedy old':>11}{'new':>8}{'speedup':>9}{'optimal old':>13}{'new':>8}{'speedup':>9}{'opt/greedy new':>16}")
+print(f"{'case':<32}{'greedy old':>11}{'new':>8}{'speedup':>9}{'optimal old':>13}{'new':>8}{'speedup':>9}{'opt/greedy new':>16}")
 for a, b in zip(old["rows"], new["rows"]):
-    case = f"B={b['B']} D={b['D']} {b['metric']} {b['dtype']}"
+    case = f"B={b['B']} D={b['D']} {b['metric']} {b['dtype']}" + (f" L={b['L']}" if b.get("L", b["N"]) != b["N"] else "")
     g0, g1 = a["greedy_kernel_us"], b["greedy_kernel_us"]
     o0, o1 = a["optimal_register_kernel_us"], b["optimal_register_kernel_us"]
-    print(f"{case:<26}{g0:>11.1f}{g1:>8.1f}{g0 / g1:>8.2f}x{o0:>13.1f}{o1:>8.1f}{o0 / o1:>8.2f}x{o1 / g1:>15.2f}x")
+    print(f"{case:<32}{g0:>11.1f}{g1:>8.1f}{g0 / g1:>8.2f}x{o0:>13.1f}{o1:>8.1f}{o0 / o1:>8.2f}x{o1 / g1:>15.2f}x")
 PY
 echo "total: $(( $(date +%s) - t0 )) s"
 exit $status

@@ -169,8 +169,8 @@ def test_register_and_shared_memory_solvers_give_the_same_perms(emu, N, monkeypa
     # N <= 128 keeps each lane's columns in registers (1 to 4 of them); COLLAT_CUDA_OPTIMAL_SOLVER=shared
     # forces the shared-memory solver. Same arithmetic and tie rule: the same perms, even on a coarse
     # grid with small D, where exactly tied optima are everywhere.
-    pred, target = grid_inputs(3, N, 5)
-    lengths = torch.tensor([N, N // 2, 1])
+    pred, target = grid_inputs(4, N, 5)
+    lengths = torch.tensor([N, N - 1, N // 2, 1])
     for metric in METRICS:
         in_registers = emulated(emu, "optimal_match", pred, target, lengths, metric, seed=N)
         monkeypatch.setenv("COLLAT_CUDA_OPTIMAL_SOLVER", "shared")
@@ -215,6 +215,28 @@ def test_warp_reduction_counts(emu):
     emulated(emu, "optimal_match", pred, target, lengths, "l1")
     steps, rest = divmod(emu.last_launch()["warp_reductions"], 3)
     assert rest == 0 and steps >= 118
+
+
+@pytest.mark.parametrize("L", [77, 76, 72])
+def test_nearly_square_problems_start_from_a_row_and_column_reduction(emu, L, monkeypatch):
+    # N - L <= N // 8 starts from a row and column reduction, made square by N - L dummy rows
+    # (optimal_match_cuda.cu, start_potentials); COLLAT_CUDA_OPTIMAL_START=plain starts from zero.
+    # Both are exact. Counted at N = 77, D = 512 on random L1 costs, the reduced start takes about
+    # 376 Dijkstra steps an item at L = 76 where the plain one takes 865 (388 vs 673 at L = 72).
+    gen = torch.Generator().manual_seed(L)
+    pred, target = torch.randn(4, 77, 64, generator=gen), torch.randn(4, 77, 64, generator=gen)
+    grid_pred, grid_target = grid_inputs(4, 77, 5)
+    lengths = torch.full((4,), L)
+    reductions = {}
+    for start in ("reduced", "plain"):
+        if start == "plain":
+            monkeypatch.setenv("COLLAT_CUDA_OPTIMAL_START", "plain")
+        perm = emulated(emu, "optimal_match", grid_pred, grid_target, lengths, "l1", seed=L)
+        check_against_scipy(grid_pred, grid_target, lengths, "l1", perm, exact=True)
+        perm = emulated(emu, "optimal_match", pred, target, lengths, "l1", seed=L)
+        check_against_scipy(pred, target, lengths, "l1", perm, exact=False)
+        reductions[start] = emu.last_launch()["warp_reductions"]
+    assert reductions["reduced"] < 0.75 * reductions["plain"], reductions
 
 
 @pytest.mark.parametrize("op_name", ["greedy_match", "optimal_match"])

@@ -105,6 +105,26 @@ def test_many_ties_still_give_an_exact_optimum():
         check_against_scipy(pred, target, lengths, metric, optimal_match(pred, target, lengths, metric), exact=True)
 
 
+@requires_cpu_kernel
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("N,L", [(1, 1), (2, 2), (5, 5), (16, 15), (77, 77), (77, 76), (77, 73), (77, 72)])
+def test_square_and_nearly_square_problems(N, L, metric):
+    # L >= N - N // 16 starts from a row and column reduction, with N - L dummy rows (optimal_match.cpp);
+    # L = 72 of 77 does not. Exact on grid inputs and on a coarse grid full of tied optima, to
+    # rounding on continuous inputs, and still a valid assignment when some distances overflow to
+    # inf (taken as FLT_MAX).
+    exact = metric != "cosine"
+    lengths = torch.full((6,), L)
+    pred, target = grid_inputs(6, N, 9)
+    check_against_scipy(pred, target, lengths, metric, optimal_match(pred, target, lengths, metric), exact)
+    pred, target = torch.randint(0, 3, (6, N, 2)).float(), torch.randint(0, 3, (6, N, 2)).float()
+    check_against_scipy(pred, target, lengths, metric, optimal_match(pred, target, lengths, metric), exact)
+    pred, target = torch.randn(6, N, 33), torch.randn(6, N, 33)
+    check_against_scipy(pred, target, lengths, metric, optimal_match(pred, target, lengths, metric), False)
+    pred[:, 0] = 3e38
+    assert_valid_perm(optimal_match(pred, target, lengths, metric), lengths, N)
+
+
 def test_optimal_beats_greedy_on_a_constructed_case():
     pred = torch.tensor([[[0.75], [2.5], [9.0]]])
     target = torch.tensor([[[0.0], [1.0], [0.0]]])
