@@ -2,12 +2,12 @@
 // matrix (matching_cuda.h), then its first warp solves the rectangular assignment exactly with
 // shortest augmenting paths (Crouse 2016, as scipy's linear_sum_assignment), potentials in double.
 // Square and nearly square problems (N - L <= N / 8) first get a row and column reduction
-// (start_potentials), which halves the Dijkstra steps there. Rows are then added one at a time; each Dijkstra step scans the
-// unfinished columns in parallel (lane c % 32 owns column c and its state: in registers for
-// N <= 128, else in shared memory) and picks the minimum by (path cost, assigned column last, smaller
-// column) with warp reductions: the same rule as the CPU solver (optimal_match.cpp), which however
-// also runs an augmenting row reduction: under exactly tied optima the two backends may return
-// different perms of the same cost.
+// (start_potentials), which halves the Dijkstra steps there. Rows are then added one at a time;
+// each Dijkstra step scans the unfinished columns in parallel (lane c % 32 owns column c and its
+// state: in registers for N <= 128, else in shared memory) and picks the minimum by (path cost,
+// assigned column last, smaller column) with warp reductions: the same rule as the CPU solver
+// (optimal_match.cpp), which however also runs an augmenting row reduction: under exactly tied
+// optima the two backends may return different perms of the same cost.
 #include <cfloat>
 #include <cstdlib>
 #include <string>

@@ -80,8 +80,11 @@ def main():
         lengths = torch.full((B,), L, dtype=torch.int64, device="cuda")
         greedy_k = kernel_us(lambda: ops.greedy_match(pred, target, lengths, metric))
         opt_reg_k = kernel_us(lambda: ops.optimal_match(pred, target, lengths, metric))
-        shared = with_env("COLLAT_CUDA_OPTIMAL_SOLVER", "shared", lambda: ops.optimal_match(pred, target, lengths, metric))
-        plain = with_env("COLLAT_CUDA_OPTIMAL_START", "plain", lambda: ops.optimal_match(pred, target, lengths, metric))
+        def optimal():
+            return ops.optimal_match(pred, target, lengths, metric)
+
+        shared = with_env("COLLAT_CUDA_OPTIMAL_SOLVER", "shared", optimal)
+        plain = with_env("COLLAT_CUDA_OPTIMAL_START", "plain", optimal)
         opt_smem_k = kernel_us(shared)
         opt_plain_k = kernel_us(plain)
         greedy_py = wall_us(lambda: greedy_match(pred, target, lengths, metric))
