@@ -31,14 +31,15 @@ __device__ __forceinline__ double from_ordered_bits(unsigned long long ordered) 
   return __longlong_as_double(static_cast<long long>(bits));
 }
 
+// Arrays of N entries (rounded up); the row arrays use the solver's rows (L, or N with dummy rows).
 struct SolverState {
-  double* u;          // [L] row potentials
+  double* u;          // [rows] row potentials
   double* v;          // [N] column potentials
   double* path_cost;  // [N] shortest path cost to each column in the current search
   int* path;          // [N] row preceding each column on its shortest path
   int* row4col;       // [N] row assigned to each column, -1 if none
-  int* col4row;       // [L] column assigned to each row
-  unsigned char* row_seen;  // [L]
+  int* col4row;       // [rows] column assigned to each row
+  unsigned char* row_seen;  // [rows]
   unsigned char* col_done;  // [N]
 };
 
