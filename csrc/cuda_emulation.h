@@ -5,9 +5,9 @@
 //
 // Every CUDA thread of a block is a fiber (ucontext) on one OS thread. A fiber runs until it reaches
 // a barrier (__syncthreads, or the warp-wide __syncwarp / __reduce_min_sync / __reduce_max_sync) or
-// returns; a barrier opens when every live thread of its block (warp) waits at it. The order in which fibers run
-// between barriers is chosen per launch (forward, reverse, shuffled), so a data race between
-// barriers shows up as results that depend on the order. The emulator refuses, with an error saying
+// returns; a barrier opens when every live thread of its block (warp) waits at it. The order in
+// which fibers run between barriers is chosen per launch (forward, reverse, shuffled), so a data
+// race between barriers shows up as results that depend on the order. The emulator refuses, with an error saying
 // why: a barrier that can never open (__syncthreads under divergence, a warp op after lanes exited),
 // more threads than 1024, more dynamic shared memory than the kernel was allowed
 // (cudaFuncAttributeMaxDynamicSharedMemorySize, default 48 KB) or the device has, and writes past

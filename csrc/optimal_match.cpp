@@ -224,9 +224,8 @@ inline int64_t solver_rows(int64_t L, int64_t N) { return N - L <= N / 16 ? N : 
 // start so (a column left unassigned must keep v = 0), but one with few rows missing is made square by
 // dummy rows of equal cost, the largest real one: every full assignment pays it once per dummy row,
 // so the real rows' optimum is the same (optimal_match_cuda.cu, start_potentials, says more).
-// dist has `rows` rows of `stride`; rows L .. rows - 1 are written here.
+// dist has `rows` rows of `stride`; rows L .. rows - 1 are written here. Otherwise u and v stay 0.
 void start_potentials(float* dist, int64_t stride, int64_t rows, int64_t L, int64_t N, AssignmentScratch& s) {
-  std::fill(s.u.begin(), s.u.end(), 0.0);
   if (rows != N) return;
   float highest = -FLT_MAX;
   for (int64_t r = 0; r < L; ++r) {
@@ -258,7 +257,7 @@ void solve_assignment(float* dist, int64_t rows, int64_t L, int64_t N, int64_t s
   const double inf = std::numeric_limits<double>::infinity();
   const int64_t Nc = cpu::round_up(N, kSolverLanes);
   TORCH_INTERNAL_ASSERT(stride >= Nc);
-  s.u.resize(rows);
+  s.u.assign(rows, 0.0);
   s.v.assign(Nc, 0.0);
   s.path_cost.resize(Nc);
   s.path.assign(Nc, -1);

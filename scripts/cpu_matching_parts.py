@@ -7,7 +7,7 @@ benchmark's contenders) on the benchmark's inputs, at 1 thread and at every thre
 alone is a lower bound on the op's time, so it bounds the speedup over the scipy loop that any
 solver could reach with these distances.
 
-    python scripts/cpu_matching_parts.py [--batch 256] [--dim 512] [--out results/cpu_matching_parts.json]
+    python scripts/cpu_matching_parts.py [--batch 256] [--dim 512] [--out benchmarks/results/cpu_matching_parts.json]
 """
 from __future__ import annotations
 
