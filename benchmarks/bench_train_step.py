@@ -4,7 +4,9 @@ and the same batch, plus peak memory.
 
 GPU: AST-base, CLIP ViT-B-32 text tower, 8 interaction blocks, 10 s clips padded to 1024 frames (1212 audio tokens),
 B=32, bf16 autocast, fused AdamW (DESIGN.md section 4: reference 140 samples/s on an H200; target
-fused >= 1.3x reference and faster than torch.compile). CPU: the tiny default config, fp32.
+fused >= 1.3x reference and faster than torch.compile), and the fused step with optimal instead of greedy
+token matching (--matching optimal: what the exact assignment costs a whole step). CPU: the tiny default
+config, fp32.
 
     python benchmarks/bench_train_step.py [--quick] [--device cuda] [--batch-size 32]
 """
@@ -67,11 +69,13 @@ def main():
     torch.manual_seed(0)
     base = CoLLAT(config).to(device)
     contenders = {}
-    for name in ("reference", "fused", "compiled reference"):
+    for name in ("reference", "fused", "fused, optimal", "compiled reference"):
         if name == "compiled reference" and args.no_compile:
             continue
         model = copy.deepcopy(base)
-        model.set_fused(name == "fused")
+        model.set_fused(name.startswith("fused"))
+        if name == "fused, optimal":
+            model.config.matching = "optimal"
         if name == "compiled reference":
             model.audio = torch.compile(model.audio)
             model.interaction = torch.compile(model.interaction)

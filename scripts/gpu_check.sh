@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent H100/H200 (see README "GPU checks"): builds the extension in place,
 # runs the GPU-marked tests and the benchmarks, and prints a short table. Results go to $OUT (or results/).
-# Usage on the device machine: bash scripts/gpu_check.sh [matching|tests|bench|all]
+# Usage on the device machine: bash scripts/gpu_check.sh [matching|sanitize|tests|bench|all]
 #   matching: the matching ops' kernel timing (both optimal solvers), GPU tests and bench_matching, then the
 #   Triton kernels' GPU tests in what is left of GPU_CHECK_SECONDS (default 400)
+#   sanitize: scripts/sanitize_matching.py (every path of the CUDA matching kernels, checked against the CPU op)
+#   under compute-sanitizer's memcheck, racecheck, synccheck and initcheck
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -43,6 +45,15 @@ if [ "$what" = matching ]; then
 import json; r = json.load(open('$OUT/matching_kernels.json'))
 for x in r['rows']: print(x['B'], x['D'], x['metric'], x['dtype'], 'greedy %.1f us, optimal %.1f us (%.2fx), shared solver %.1f us, python greedy %.1f us' % (x['greedy_kernel_us'], x['optimal_register_kernel_us'], x['optimal_register_kernel_us'] / x['greedy_kernel_us'], x['optimal_shared_kernel_us'], x['greedy_python_us']))
 " 2>&1
+fi
+if [ "$what" = sanitize ]; then
+  for tool in memcheck racecheck synccheck initcheck; do
+    echo "=== compute-sanitizer --tool $tool"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 "$CUDA_HOME/bin/compute-sanitizer" --tool "$tool" --error-exitcode 3 \
+      --kernel-name kns=match_kernel python3 scripts/sanitize_matching.py > "$OUT/sanitize_$tool.log" 2>&1
+    rc=$?; [ $rc -eq 0 ] || status=1
+    tail -4 "$OUT/sanitize_$tool.log"; echo "$tool rc $rc after $(( $(date +%s) - t0 )) s"
+  done
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 240 python3 -m pytest -q -x -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
