@@ -58,7 +58,6 @@ def check(name, B, N, D, dtype, metric, lengths, env=None, misalign=False, seed=
 
 
 def main():
-    torch.backends.cuda.matmul.allow_tf32 = False
     check("fp32 l1 N=77 D=512 L=77,76,72,40,1,0", 6, 77, 512, torch.float32, "l1", [77, 76, 72, 40, 1, 0])
     check("fp32 l1 plain start", 3, 77, 512, torch.float32, "l1", [77, 76, 40],
           env={"COLLAT_CUDA_OPTIMAL_START": "plain"})
