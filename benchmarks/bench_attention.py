@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from harness import Report, measure, parser
 
-from collat import reference
+from collat.kernels._utils import runs_triton
+from collat.ops import reference
 from collat.kernels import attention
-from collat.kernels.attention import LaunchConfig, cross_attention
+from collat.kernels.attention import LaunchConfig
+from collat.ops.attention import cross_attention
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -36,7 +38,7 @@ def sdpa_with(backend_name: str | None):
 
 
 def contenders(device: str, compile_reference: bool) -> dict:
-    ours = "ours (triton)" if attention.uses_triton(torch.device(device)) else "ours (cpu fallback: SDPA)"
+    ours = "ours (triton)" if runs_triton(torch.device(device)) else "ours (cpu fallback: SDPA)"
     impls = {"reference": reference.cross_attention, "sdpa": sdpa_with(None)}
     if sdpa_kernel is not None:
         for name in SDPA_BACKENDS:
@@ -157,7 +159,7 @@ def main() -> None:
         for dtype in (torch.bfloat16, torch.float32):
             bench_case(report, device, *shape, dtype, impls, iters, profile_kernels=args.profile)
     report.print()
-    print("reference = naive PyTorch (collat.reference.cross_attention); sdpa <name> = "
+    print("reference = naive PyTorch (collat.ops.reference.cross_attention); sdpa <name> = "
           "F.scaled_dot_product_attention under sdpa_kernel(<backend>); no mask in these cases (flash takes none).")
     if args.profile and on_gpu:
         print("\nsummed GPU kernel time per call (torch.profiler):")

@@ -12,8 +12,9 @@ import copy
 import torch
 from harness import Report, measure, parser
 
-from collat.interaction import TokenInteraction
-from collat.kernels import attention
+from collat.kernels._utils import runs_triton
+from collat.model.interaction import TokenInteraction
+from collat.ops import op_set
 
 
 def main() -> None:
@@ -31,11 +32,11 @@ def main() -> None:
 
     reference_module = TokenInteraction(D, N, depth=depth, num_heads=heads).to(device)
     fused_module = copy.deepcopy(reference_module)
-    fused_module.fused = True
+    fused_module.ops = op_set("fused")
     impls = {"reference": reference_module}
     if not args.no_compile:
         impls["compiled reference"] = torch.compile(copy.deepcopy(reference_module))
-    ours = "fused (triton)" if attention.uses_triton(torch.device(device)) else "fused (cpu: SDPA attention)"
+    ours = "fused (triton)" if runs_triton(torch.device(device)) else "fused (cpu: SDPA attention)"
     impls[ours] = fused_module
     if not args.no_compile:
         # The attention is a custom op, so compile fuses and schedules everything around it.

@@ -2,7 +2,7 @@
 
 Side by side in one run, on the same inputs (N = 77, D = 512, a random full permutation: every row
 valid, the most traffic):
-  reference       collat.reference.token_l1_loss in eager PyTorch: the baseline
+  reference       collat.ops.reference.token_l1_loss in eager PyTorch: the baseline
   torch.compile   torch.compile of the reference
   ours            collat.token_l1_loss: the Triton kernels on CUDA; on CPU (no interpreter) the
                   op falls back to the reference, and the table says so
@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Report, devices, measure, parser  # noqa: E402
 
-from collat import reference  # noqa: E402
+from collat.ops import reference  # noqa: E402
 from collat.kernels import token_l1  # noqa: E402
-from collat.kernels.token_l1 import token_l1_loss  # noqa: E402
+from collat.ops.token_l1 import token_l1_loss  # noqa: E402
 
 N, D = 77, 512
 

@@ -1,11 +1,11 @@
 """Benchmark of the matching ops: python benchmarks/bench_matching.py [--quick] [--device cpu|cuda]
 
 Side by side in one run, on the same inputs (N = 77, every row valid: the worst case):
-  reference     collat.reference.greedy_match (cdist + a loop of N argmin steps): the baseline
+  reference     collat.ops.reference.greedy_match (cdist + a loop of N argmin steps): the baseline
   greedy op     collat.greedy_match (validation + the C++ / CUDA kernel)
   optimal op    collat.optimal_match (exact assignment, C++ / CUDA kernel)
   ..., unchecked  the same with check_lengths=False (no range check of lengths: no host sync on a GPU)
-  scipy loop    collat.reference.optimal_match (cdist, then linear_sum_assignment per item)
+  scipy loop    collat.ops.reference.optimal_match (cdist, then linear_sum_assignment per item)
 Ratios are against the reference; the table's extra columns compare optimal with greedy and scipy.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Report, devices, measure, parser  # noqa: E402
 
-from collat import _ext, reference  # noqa: E402
-from collat.matching import greedy_match, optimal_match  # noqa: E402
+from collat.ops import _ext, reference  # noqa: E402
+from collat.ops.matching import greedy_match, optimal_match  # noqa: E402
 
 
 def _sync(device: str) -> None:

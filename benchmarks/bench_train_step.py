@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
+from collat.config import load_preset  # noqa: E402
 from collat.model import CoLLAT, CoLLATConfig  # noqa: E402
-from collat.train import cpu_model_config  # noqa: E402
 
 
 def gpu_config() -> CoLLATConfig:
@@ -59,7 +59,7 @@ def main():
     args = p.parse_args()
     device = harness.devices(args.device)[-1]  # the GPU when there is one
     on_gpu = device.startswith("cuda")
-    config = gpu_config() if on_gpu else cpu_model_config()
+    config = gpu_config() if on_gpu else load_preset("cpu")[0]
     batch = args.batch_size or (8 if args.quick else 32)
     if not on_gpu and args.batch_size is None:
         batch = 4 if args.quick else 8

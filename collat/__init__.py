@@ -2,12 +2,13 @@
 from collat.ops import cross_attention, greedy_match, optimal_match, token_l1_loss
 
 __version__ = "0.1.0"
-__all__ = ["CoLLAT", "CoLLATConfig", "greedy_match", "optimal_match", "token_l1_loss", "cross_attention"]
+__all__ = ["CoLLAT", "CoLLATConfig", "load_model", "greedy_match", "optimal_match", "token_l1_loss",
+           "cross_attention"]
 
 
 def __getattr__(name):
-    # The model pulls in transformers/open_clip; load it only when asked for.
-    if name in ("CoLLAT", "CoLLATConfig"):
+    # The model pulls in transformers and open_clip: load it only when asked for.
+    if name in ("CoLLAT", "CoLLATConfig", "load_model"):
         from collat import model
 
         return getattr(model, name)

@@ -1,30 +1,5 @@
-"""`python -m collat.ablate`: the paper's loss ablation (Table 3a) on the embedded soundfont data.
-
-Rows, each trained from the same initialisation (same seed) for the same number of steps on the same
-batches, then evaluated on the same clips:
-  untrained   no training (the floor)
-  full        L = lambda_ct L_ct + lambda_cg L_cg + lambda_ut L_ut (the training preset's weights)
-  no-ct       without L_ct (lambda_ct = 0)
-  no-ut       without L_ut (lambda_ut = 0; the noisy twin pass is skipped, so its steps are cheaper)
-  no-cg       without L_cg (lambda_cg = 0)
-  optimal     the full objective with optimal (Hungarian) instead of greedy token matching
-Columns: zero-shot top-1 on single-source clips of the 30 seen classes (the ESC-50 analogue) and
-macro mAP on 2-3-source mixtures (the FSD50K analogue), each clean and with Gaussian noise of std 0.1
-on the waveform and on the normalised fbank (see collat.evaluate).
-
-The paper's direction to check: removing L_ct hurts multi-label mAP most, removing L_ut hurts noisy
-audio most. On the CPU budget the differences between rows can be within run-to-run noise: rerun
-with another --seed before drawing conclusions.
-
-Cost (the "cpu" training preset: tiny AST, MiniLM, 4 blocks, 4 s clips): DESIGN.md measured ~1.9 s
-per step at batch 32 on 2 idle cores, so the default --steps 100 is ~3 min of training per row and
-~20 min for the five trained rows, plus ~1 min of evaluation per row at --eval-size 100 (on a busy
-shared CPU we saw ~8 s per step at batch 16). Rows without L_ut skip the noisy pass and are cheaper.
-On a GPU machine, --num-workers renders the training clips in parallel (not measured here).
-
-Writes OUT/ablation.md (table), OUT/ablation.json and OUT/ablation.png (bar plot), atomically; each
-row's run directory (checkpoint, log.jsonl, losses.png) is OUT/<row>/.
-"""
+"""`python -m collat.ablate`: the paper's loss ablation (Table 3a) on the embedded soundfont data: one
+model per row, trained alike except for the loss term or matching the row changes, evaluated alike."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +11,12 @@ import time
 
 import torch
 
-from collat import evaluate, fileio
+from collat import fileio
+from collat.config import load_preset
+from collat.device import resolve_device
+from collat.evaluate import DEFINITIONS, EvalOptions, embedded_sets, run_evaluation
+from collat.model import CoLLAT, load_model
+from collat.train import run
 
 ROWS = {
     "full": {},
@@ -50,15 +30,32 @@ SETS = ("soundfont/seen-single", "soundfont/seen-mixture")
 COLUMNS = [("soundfont/seen-single", "zero-shot/top1", "single top-1"),
            ("soundfont/seen-mixture", "zero-shot/mAP", "mixture mAP")]
 CONDITIONS = ("clean", "noisy-waveform", "noisy-fbank")
+DESCRIPTION = """The paper's loss ablation (Table 3a) on the embedded soundfont data. Every row is trained from the
+same initialisation, for the same steps on the same batches, and evaluated on the same clips."""
+EPILOG = """rows:
+  untrained   no training (the floor)
+  full        L = lambda_ct L_ct + lambda_cg L_cg + lambda_ut L_ut (the preset's weights)
+  no-ct       without L_ct (lambda_ct = 0)
+  no-ut       without L_ut (lambda_ut = 0; no noisy twins, so its steps are cheaper)
+  no-cg       without L_cg (lambda_cg = 0)
+  optimal     the full objective with the optimal assignment instead of greedy token matching
+
+columns: zero-shot top-1 on single-source clips of the 30 seen classes (the ESC-50 analogue) and macro
+mAP on 2-3-source mixtures (the FSD50K analogue), each clean and with Gaussian noise (--noise-std) on
+the waveform and on the normalised fbank.
+
+The paper's directions: without L_ct multi-label mAP drops most; without L_ut noisy accuracy drops.
+Differences between rows can be within seed-to-seed noise: run a second --seed before concluding.
+
+writes OUT/ablation.md (table), OUT/ablation.json and OUT/ablation.png, rewritten after every row;
+each row's run folder (checkpoint, log.jsonl, losses.png) is OUT/<row>/."""
 
 
 def row_configs(preset: str, rows: list[str]):
-    """(name, CoLLATConfig, overrides) per row, from the collat.train preset."""
-    from collat.train import PRESETS
+    """(name, CoLLATConfig, overrides) per row, from the training preset."""
+    def make_model():
+        return load_preset(preset)[0]
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    make_model, _ = PRESETS[preset]
     out = []
     for name in rows:
         if name == UNTRAINED:
@@ -73,31 +70,25 @@ def row_configs(preset: str, rows: list[str]):
 
 
 def evaluation_sets(clip_seconds: float, eval_size: int, seed: int) -> list:
-    sets = evaluate.embedded_sets(clip_seconds, test_size=eval_size, train_size=0, seed=seed, probe=False)
+    sets = embedded_sets(clip_seconds, test_size=eval_size, train_size=0, seed=seed, probe=False)
     return [s for s in sets if s.name in SETS]
 
 
 def train_row(name: str, model_config, args, row_dir: str) -> tuple[object, dict]:
     """Train one row with the shared budget and seed; returns (model, the run's result dict)."""
-    from collat.model import CoLLAT
-    from collat.train import PRESETS
-
-    _, make_train = PRESETS[args.preset]
     train_config = dataclasses.replace(
-        make_train(), steps=args.steps, batch_size=args.batch_size,
+        load_preset(args.preset)[1], steps=args.steps, batch_size=args.batch_size,
         seed=args.seed, data_seed=args.seed, out=row_dir, evaluate=False, save_every=max(args.steps, 1),
         progress=args.progress, device=args.device, train_size=max(args.train_size, args.batch_size),
         num_workers=args.num_workers,
     )
     if name == UNTRAINED:
         torch.manual_seed(args.seed)  # the same initialisation every trained row starts from
-        return CoLLAT(model_config).to(evaluate.resolve_device(args.device)).eval(), {"status": "untrained", "step": 0}
-    from collat.train import run
-
+        return CoLLAT(model_config).to(resolve_device(args.device)).eval(), {"status": "untrained", "step": 0}
     result = run(model_config, train_config)
     if result.get("status") != "completed":
         raise RuntimeError(f"row {name}: training ended with status {result.get('status')!r}")
-    return evaluate.load_model(row_dir, evaluate.resolve_device(args.device)), result
+    return load_model(row_dir, resolve_device(args.device)), result
 
 
 def format_markdown(rows: list[dict], args, chance: float | None = None) -> str:
@@ -148,7 +139,7 @@ def write_outputs(rows: list[dict], args, complete: bool, chance: float | None =
     if not complete:
         table += f"\n(partial: {len(rows)} row(s) done so far)\n"
     payload = {"args": vars(args), "complete": complete, "columns": [c[:2] for c in COLUMNS],
-               "conditions": CONDITIONS, "rows": rows, "definitions": evaluate.DEFINITIONS}
+               "conditions": CONDITIONS, "rows": rows, "definitions": DEFINITIONS}
     fileio.atomic_write_text(os.path.join(args.out, "ablation.json"), json.dumps(payload, indent=2))
     fileio.atomic_write_text(os.path.join(args.out, "ablation.md"), table)
     plot(rows, os.path.join(args.out, "ablation.png"))
@@ -156,15 +147,14 @@ def write_outputs(rows: list[dict], args, complete: bool, chance: float | None =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m collat.ablate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = argparse.ArgumentParser(prog="python -m collat.ablate", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=100, help="training steps per row (same for every row)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and data seed of every row")
     p.add_argument("--rows", default=",".join([UNTRAINED] + list(ROWS)),
                    help=f"comma list of {','.join([UNTRAINED] + list(ROWS))}")
-    p.add_argument("--preset", default="cpu", help="collat.train preset the rows start from (cpu | paper)")
+    p.add_argument("--preset", default="cpu", help="training preset the rows start from (cpu | paper)")
     p.add_argument("--train-size", type=int, default=8192, help="clips in the training split")
     p.add_argument("--eval-size", type=int, default=100, help="clips per evaluation set")
     p.add_argument("--noise-std", type=float, default=0.1)
@@ -187,7 +177,7 @@ def main(argv=None) -> int:
         configs = row_configs(args.preset, names)
         clip_seconds = configs[0][1].clip_seconds
         sets = evaluation_sets(clip_seconds, args.eval_size, args.seed)
-        options = evaluate.EvalOptions(tasks=("zero-shot", "noisy"), probes=(), noise_std=args.noise_std,
+        options = EvalOptions(tasks=("zero-shot", "noisy"), probes=(), noise_std=args.noise_std,
                                        noise_seed=args.seed)
         rows = []
         for name, config, overrides in configs:
@@ -195,7 +185,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             model, result = train_row(name, config, args, os.path.join(args.out, name))
             seconds = time.perf_counter() - start
-            evaluated = evaluate.run_evaluation(model, sets, options)
+            evaluated = run_evaluation(model, sets, options)
             rows.append({
                 "name": name, "config": dataclasses.asdict(config), "train_seconds": seconds,
                 "train": {k: result.get(k) for k in ("status", "step", "last")},

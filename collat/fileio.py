@@ -14,23 +14,6 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to a temporary file beside `path`, then rename it into place (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place
     (for writers that take a path: safetensors, torch.save, matplotlib's savefig)."""
@@ -47,6 +30,11 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text to a temporary file beside `path`, then rename it into place (never half-written)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 @contextlib.contextmanager

@@ -1,18 +1,5 @@
-"""`python -m collat.predict FILE... --model DIR --labels a b c`: zero-shot ranking of labels per file.
-
-Each file is read with soundfile (WAV/FLAC/OGG; resampled to 16 kHz, mixed to mono) and scored
-against the prompts "This is a sound of {label}":
-- single-label (default): softmax over the labels of exp(t) * cosine, i.e. probabilities summing to 1;
-- --multi-label: the cosine similarity of each label on its own (labels do not compete).
-A file longer than the model's clip length is cut into consecutive windows of that length (a last
-piece shorter than half a window is dropped unless it is the only one) and the window scores are
-averaged (--long-audio windows, the default); --long-audio crop keeps the first window only, and
---long-audio error refuses such files. Files shorter than --min-seconds or longer than
---max-seconds are refused.
-
-Exit status: 0 when every file was scored; 1 when any file could not be (the others are still
-printed) or when the labels, the model or the options are wrong.
-"""
+"""`python -m collat.predict FILE... --model DIR --labels a b c`: zero-shot ranking of labels per file,
+long files averaged over windows of the model's clip length (the rules are in --help)."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +10,25 @@ import warnings
 
 import torch
 
+from collat.data.audio_io import AudioReadError, load_audio
+from collat.device import resolve_device
+from collat.fileio import atomic_write_text
+from collat.model import load_model
+from collat.prompts import make_prompt
+
 EXIT_ERROR = 1
 LONG_AUDIO = ("windows", "crop", "error")
+DESCRIPTION = """Rank candidate labels for audio files with a trained CoLLAT (zero-shot: each label's prompt
+"This is a sound of {label}" against each file)."""
+EPILOG = """scores: by default a softmax over the labels (probabilities that sum to 1); with --multi-label the
+cosine similarity of each label on its own (labels do not compete).
+
+long files: cut into consecutive windows of the model's clip length whose scores are averaged
+(--long-audio windows, the default; a last piece shorter than half a window is dropped unless it is the
+only one), or only the first window (crop), or refused (error).
+
+exit status: 0 when every file was scored; 1 when a file could not be (the others are still printed) or
+when the labels, the model or the options are wrong."""
 
 
 def read_labels(labels: list[str] | None, labels_file: str | None) -> list[str]:
@@ -53,8 +57,6 @@ def read_labels(labels: list[str] | None, labels_file: str | None) -> list[str]:
 
 def check_labels_fit(model, labels: list[str]) -> None:
     """Refuse a label whose prompt would be cut by the text encoder's context length."""
-    from collat.model import make_prompt
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for label in labels:
@@ -81,8 +83,6 @@ def split_windows(wave: torch.Tensor, window: int, mode: str) -> list[torch.Tens
 def load_clips(paths: list[str], sample_rate: int, clip_seconds: float, min_seconds: float, max_seconds: float,
                long_audio: str):
     """Read every file; returns (clips, errors): clips are (path, seconds, windows), errors (path, message)."""
-    from collat.data.audio_io import AudioReadError, load_audio
-
     window = int(round(clip_seconds * sample_rate))
     clips, errors = [], []
     for path in paths:
@@ -126,9 +126,8 @@ def format_ranking(path: str, scores: torch.Tensor, labels: list[str], top_k: in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m collat.predict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = argparse.ArgumentParser(prog="python -m collat.predict", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files (WAV, FLAC, OGG, ...)")
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="candidate labels (quote multi-word labels)")
@@ -162,9 +161,6 @@ def main(argv=None) -> int:
             raise ValueError(f"need 0 < --min-seconds <= --max-seconds, got {args.min_seconds} and {args.max_seconds}")
         if not os.path.exists(args.model):
             raise FileNotFoundError(f"model checkpoint not found: {args.model}")
-        from collat.evaluate import load_model, resolve_device
-        from collat.fileio import atomic_write_text
-
         model = load_model(args.model, resolve_device(args.device))
         check_labels_fit(model, labels)
         min_seconds = max(args.min_seconds, model.frontend.min_samples / model.frontend.sample_rate)

@@ -1,4 +1,4 @@
-"""The paper's prompt template (section 4.1), shared by the data sets and the model."""
+"""The paper's prompt template (section 4.1): the one definition, used by the data sets and the model."""
 from __future__ import annotations
 
 PROMPT_PREFIX = "This is a sound of "
@@ -18,3 +18,8 @@ def make_prompt(names: list[str]) -> str:
     else:
         listed = ", ".join(names[:-1]) + f", and {names[-1]}"
     return PROMPT_PREFIX + listed
+
+
+def class_prompts(names: list[str]) -> list[str]:
+    """One single-class prompt per name: the text side of zero-shot classification."""
+    return [make_prompt([name]) for name in names]

@@ -92,6 +92,38 @@ inline Plan make_plan(int N, size_t extra_bytes) {
   return p;
 }
 
+// What both launchers do before their kernel: check the inputs, make them contiguous (lengths as int64),
+// allocate the perm and plan the launch, with a global distance scratch where the matrix does not fit in
+// shared memory. `solver_bytes(N)`: the shared memory the kernel needs after the distance matrix. The
+// caller holds a CUDAGuard for pred's device across this and the launch.
+struct Launch {
+  at::Tensor pred, target, lengths, perm, scratch;
+  Metric metric;
+  int64_t B, N, D;
+  Plan plan;
+  bool empty() const { return B == 0 || N == 0; }
+  float* scratch_ptr() const { return plan.dist_in_smem ? nullptr : scratch.data_ptr<float>(); }
+};
+
+template <typename SolverBytes>
+inline Launch prepare_launch(const char* op, const at::Tensor& pred_in, const at::Tensor& target_in,
+                             const at::Tensor& lengths_in, c10::string_view metric_name, SolverBytes solver_bytes) {
+  check_match_inputs(op, pred_in, target_in, lengths_in);
+  Launch l;
+  l.metric = parse_metric(std::string(metric_name));
+  TORCH_CHECK(pred_in.size(1) <= kMaxN, op, ": the CUDA kernel supports N <= ", kMaxN, ", got N = ", pred_in.size(1));
+  TORCH_CHECK(pred_in.size(0) < (int64_t(1) << 31), op, ": B must be < 2^31, got ", pred_in.size(0));
+  l.pred = pred_in.contiguous();
+  l.target = target_in.contiguous();
+  l.lengths = lengths_in.to(at::kLong).contiguous();
+  l.B = l.pred.size(0), l.N = l.pred.size(1), l.D = l.pred.size(2);
+  l.perm = at::empty({l.B, l.N}, l.pred.options().dtype(at::kLong));
+  if (l.empty()) return l;
+  l.plan = make_plan(int(l.N), solver_bytes(int(l.N)));
+  if (!l.plan.dist_in_smem) l.scratch = at::empty({l.B, l.N, l.plan.dist_stride}, l.pred.options().dtype(at::kFloat));
+  return l;
+}
+
 template <typename Kernel>
 inline void allow_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)

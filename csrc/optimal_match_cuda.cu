@@ -327,21 +327,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 at::Tensor optimal_match_cuda(const at::Tensor& pred_in, const at::Tensor& target_in, const at::Tensor& lengths_in,
                               c10::string_view metric_name) {
-  check_match_inputs("optimal_match", pred_in, target_in, lengths_in);
-  const Metric metric = parse_metric(std::string(metric_name));
-  TORCH_CHECK(pred_in.size(1) <= kMaxN, "optimal_match: the CUDA kernel supports N <= ", kMaxN, ", got N = ",
-              pred_in.size(1));
-  TORCH_CHECK(pred_in.size(0) < (int64_t(1) << 31), "optimal_match: B must be < 2^31, got ", pred_in.size(0));
   const c10::cuda::CUDAGuard guard(pred_in.device());
-  const at::Tensor pred = pred_in.contiguous(), target = target_in.contiguous();
-  const at::Tensor lengths = lengths_in.to(at::kLong).contiguous();
-  const int64_t B = pred.size(0), N = pred.size(1), D = pred.size(2);
-  at::Tensor perm = at::empty({B, N}, pred.options().dtype(at::kLong));
-  if (B == 0 || N == 0) return perm;
-  const Plan plan = make_plan(int(N), solver_bytes(int(N)));
-  at::Tensor scratch;
-  if (!plan.dist_in_smem) scratch = at::empty({B, N, plan.dist_stride}, pred.options().dtype(at::kFloat));
-  float* scratch_ptr = plan.dist_in_smem ? nullptr : scratch.data_ptr<float>();
+  const Launch l = prepare_launch("optimal_match", pred_in, target_in, lengths_in, metric_name, solver_bytes);
+  if (l.empty()) return l.perm;
+  const int64_t N = l.N;
   // COLLAT_CUDA_OPTIMAL_SOLVER=shared keeps every column's state in shared memory even where it fits
   // in registers (for A/B timing and for the tests, which require the same perms from both).
   const char* solver = std::getenv("COLLAT_CUDA_OPTIMAL_SOLVER");
@@ -351,17 +340,17 @@ at::Tensor optimal_match_cuda(const at::Tensor& pred_in, const at::Tensor& targe
   const char* start = std::getenv("COLLAT_CUDA_OPTIMAL_START");
   const bool reduced_start = !(start && std::string(start) == "plain");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype_metric(pred.scalar_type(), metric, [&](auto scalar_tag, auto metric_tag) {
+  dispatch_dtype_metric(l.pred.scalar_type(), l.metric, [&](auto scalar_tag, auto metric_tag) {
     using scalar_t = decltype(scalar_tag);
     constexpr Metric M = decltype(metric_tag)::value;
     auto kernel = optimal_match_kernel<scalar_t, M>;
-    allow_smem(kernel, plan.smem_bytes);
-    launch_kernel(kernel, unsigned(B), plan.threads, plan.smem_bytes, stream, pred.data_ptr<scalar_t>(),
-                  target.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), int(N), int(D),
-                  plan.stride, plan.dist_stride, plan.chunk_floats, scratch_ptr, in_registers,
+    allow_smem(kernel, l.plan.smem_bytes);
+    launch_kernel(kernel, unsigned(l.B), l.plan.threads, l.plan.smem_bytes, stream, l.pred.data_ptr<scalar_t>(),
+                  l.target.data_ptr<scalar_t>(), l.lengths.data_ptr<int64_t>(), l.perm.data_ptr<int64_t>(), int(N),
+                  int(l.D), l.plan.stride, l.plan.dist_stride, l.plan.chunk_floats, l.scratch_ptr(), in_registers,
                   reduced_start);
   });
-  return perm;
+  return l.perm;
 }
 
 }  // namespace

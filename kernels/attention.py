@@ -2,9 +2,8 @@
 
 Layout of this file (Liger style): Triton kernels, host launchers, the custom ops
 `collat::cross_attention_fwd` / `collat::cross_attention_bwd` with their fake (meta) impls and autograd
-registration (what `torch.compile` sees: it keeps them opaque and compiles the code around them), an
-autograd Function over the same launchers for eager mode (cheaper to dispatch), then the validated
-functional front `cross_attention`.
+registration (what `torch.compile` sees), and an autograd Function over the same launchers for eager
+mode (cheaper to dispatch). Input validation and the choice of backend live in collat/ops/attention.py.
 
 Shapes: q [B, H, Nq, d], k and v [B, H, Nk, d], any Nq / Nk (the real shape is 77 queries x 1212 audio
 keys), head dims 1..128 (padded inside the kernel to a power of two >= 16). Any strides with a unit
@@ -28,48 +27,18 @@ that does not fit the GPU's shared memory gives way to the next one (remembered 
 
 With 77 queries a head is one query block, so the grid is B*H programs (256 at B=32, H=8) for the
 forward, and B*H*splits for the backward, splits chosen to give every SM two programs.
-
-Dispatch: CUDA tensors -> Triton; CPU tensors with TRITON_INTERPRET=1 at import -> the Triton
-interpreter (the tests); other CPU tensors -> F.scaled_dot_product_attention with the padding handled
-(fast CPU training), all-masked rows still zeros.
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# triton.jit picks the interpreter at decoration time, so the dispatch must follow the same snapshot.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns a scalar kernel argument into a Python int with
-    `int(one_element_array)`, which NumPy >= 2.4 rejects, so `range(0, N, BLOCK)` over a runtime N
-    fails there. Re-patch `__index__` to go through `.item()`; idempotent, interpreter only."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_collat_index_fix", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor._collat_index_fix = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-if _INTERPRET:
-    _patch_interpreter_index()
+from ._utils import INTERPRET, num_sms
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
@@ -436,7 +405,7 @@ def forward_config(q: torch.Tensor) -> LaunchConfig:
     """Forward launch config (one query block of up to 128 rows x BLOCK_N keys per step). bf16: the
     best of the one sweep run so far (B=32 H=8 q77 k1212 d64, H200, an earlier revision of the kernel;
     `benchmarks/bench_attention.py --sweep` repeats it); fp32 (3xTF32): not swept yet."""
-    if _INTERPRET:
+    if INTERPRET:
         return INTERPRETER_CONFIG
     wide = _block_m(q.shape[2]) * _block_d(q.shape[-1]) >= 128 * 64
     if q.dtype == torch.float32:
@@ -448,7 +417,7 @@ def backward_configs(q: torch.Tensor) -> list[LaunchConfig]:
     """Fused-backward launch configs, best first; a config that needs more shared memory than the GPU
     has (fp32 operands with all 128 query rows on chip) gives way to the next, and past the last one
     the backward takes FA2's split kernels."""
-    if _INTERPRET:
+    if INTERPRET:
         return [INTERPRETER_CONFIG]
     wide = _block_m(q.shape[2]) * _block_d(q.shape[-1]) >= 128 * 64
     warps = 8 if wide else 4
@@ -551,17 +520,12 @@ def attention_forward(
     return out, lse
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _num_splits(q: torch.Tensor, NK: int) -> int:
     """Key splits for the fused backward: enough programs for two per SM, each keeping >= 256 keys."""
     if q.device.type != "cuda":
         return 1
     programs = q.shape[0] * q.shape[1]
-    return max(1, min(triton.cdiv(2 * _multiprocessors(q.device), programs), NK // 256, 8))
+    return max(1, min(triton.cdiv(2 * num_sms(q.device.index), programs), NK // 256, 8))
 
 
 def _launch_fused_backward(grad_out, q, k, v, out, lse, pad, stride_pad, dq, dk, dv, sm_scale, common, config):
@@ -740,93 +704,3 @@ class CrossAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, ctx.fp32_precision)
         return dq, dk, dv, None, None
-
-
-# ----------------------------------------------------------------------------------------------
-# CPU fallback
-# ----------------------------------------------------------------------------------------------
-
-
-def _sdpa_fallback(q, k, v, key_padding_mask):
-    if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    all_padding = key_padding_mask.all(dim=1)  # [B]
-    # SDPA gives NaN for a row with no visible key: let such rows see every key, then zero them
-    # (the multiplication also zeroes their gradients).
-    attend = ~(key_padding_mask & ~all_padding[:, None])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
-    return out * (~all_padding).to(out.dtype)[:, None, None, None]
-
-
-# ----------------------------------------------------------------------------------------------
-# Functional front
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_inputs(q, k, v, key_padding_mask, fp32_precision) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, N, d], got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    B, H, _, D = q.shape
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(
-            f"k must be [B={B}, H={H}, Nk, d={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}"
-        )
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got d={D}")
-    if fp32_precision not in FP32_PRECISIONS:
-        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be torch.bool (True = padding), got {key_padding_mask.dtype}")
-        expected = (B, k.shape[2])
-        if tuple(key_padding_mask.shape) != expected:
-            raise ValueError(f"key_padding_mask must have shape [B, Nk] = {expected}, got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
-
-
-def uses_triton(device: torch.device) -> bool:
-    """True where cross_attention runs the Triton kernels (CUDA, or CPU under the interpreter)."""
-    return device.type == "cuda" or (device.type == "cpu" and _INTERPRET)
-
-
-def cross_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    *,
-    fp32_precision: str = "tf32x3",
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for q [B, H, Nq, d], k and v [B, H, Nk, d].
-
-    key_padding_mask: optional bool [B, Nk], True marks a padding key that is ignored; a query whose
-    keys are all padding outputs zeros (zero gradients). fp32/fp16/bf16, output in the input dtype,
-    fp32 accumulation. Head dims 1..128.
-
-    fp32_precision (fp32 inputs on the GPU): "tf32x3" (default) splits each fp32 operand into two TF32
-    parts and keeps fp32-level accuracy on the tensor cores; "ieee" uses plain fp32 FMAs (exact, slow);
-    "tf32" is the fast, ~1e-3-accurate opt-in.
-    """
-    _check_inputs(q, k, v, key_padding_mask, fp32_precision)
-    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
-        key_padding_mask = key_padding_mask.contiguous()
-    if uses_triton(q.device):
-        if torch.compiler.is_compiling():
-            return _cross_attention_fwd(q, k, v, key_padding_mask, fp32_precision)[0]
-        return CrossAttentionFunction.apply(q, k, v, key_padding_mask, fp32_precision)
-    return _sdpa_fallback(q, k, v, key_padding_mask)

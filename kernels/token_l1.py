@@ -30,9 +30,6 @@ depend on the grid size: bit-identical run to run. The backward is one launch.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +37,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from collat import reference
+from ._utils import num_sms, on_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -261,7 +258,9 @@ def _token_l1_bwd_kernel(
 
 
 @dataclass(frozen=True)
-class LaunchConfig:
+class GridPolicy:
+    """How the launchers size tiles and grids (per backend)."""
+
     tile_bytes: int  # bytes of one [BLOCK_R, BLOCK_D] tile of one input
     max_block_d: int
     programs_per_sm: int  # forward grid = min(tiles, SMs * programs_per_sm) (CUDA)
@@ -273,19 +272,14 @@ class LaunchConfig:
 # CUDA: the best of a sweep on an H200 (benchmarks/bench_l1.py --sweep; 8 KiB tiles with 8 programs
 # per SM led for bf16 and were within noise of the best for fp32). On CPU (the interpreter) the
 # blocks are small so that tests cover several tiles, several D blocks and several programs.
-CUDA_CONFIG = LaunchConfig(
+CUDA_CONFIG = GridPolicy(
     tile_bytes=8192, max_block_d=1024, programs_per_sm=8, num_warps=8, cpu_programs=0, bwd_programs_per_sm=8
 )
-CPU_CONFIG = LaunchConfig(
+CPU_CONFIG = GridPolicy(
     tile_bytes=8192, max_block_d=64, programs_per_sm=0, num_warps=4, cpu_programs=3, bwd_programs_per_sm=0
 )
 BWD_BLOCK = 4096
 BWD_NUM_WARPS = 8
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 _counters: dict = {}
@@ -302,21 +296,6 @@ def _ticket_counter(device: torch.device) -> torch.Tensor:
     if counter is None:
         counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return counter
-
-
-def _on_device(device: torch.device):
-    """Triton launches on the current CUDA device: switch only when the tensors live elsewhere."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreted(kernel):
-    """The interpreter twin of a kernel, for CPU tensors even when TRITON_INTERPRET was set late."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
 
 
 def _new_buffer(shape, dtype, device) -> torch.Tensor:
@@ -338,12 +317,7 @@ def _launch_forward(pred, target, perm, want_grad_pred: bool, want_grad_target: 
     block_r = max(1, min(cfg.tile_bytes // (pred.element_size() * block_d), triton.next_power_of_2(max_rows)))
     tiles_per_item = triton.cdiv(max_rows, block_r)
     num_tiles = B * tiles_per_item
-    if on_cuda:
-        grid = min(num_tiles, _num_sms(device.index) * cfg.programs_per_sm)
-        kernel, prepare_kernel = _token_l1_fwd_kernel, _prepare_kernel
-    else:
-        grid = min(num_tiles, cfg.cpu_programs)
-        kernel, prepare_kernel = _interpreted(_token_l1_fwd_kernel), _interpreted(_prepare_kernel)
+    grid = min(num_tiles, num_sms(device.index) * cfg.programs_per_sm if on_cuda else cfg.cpu_programs)
     write_grad = want_grad_pred or want_grad_target
     flags_offset = _WS_TILES + (B if write_grad else 0)
     tiles_offset = flags_offset + (B * Np if want_grad_pred else 0)
@@ -355,7 +329,7 @@ def _launch_forward(pred, target, perm, want_grad_pred: bool, want_grad_target: 
     perm = perm if perm.is_contiguous() else perm.contiguous()
     counter = _ticket_counter(device)
     if write_grad:
-        prepare_kernel[(B,)](
+        _prepare_kernel[(B,)](
             perm,
             work,
             counter,
@@ -371,7 +345,7 @@ def _launch_forward(pred, target, perm, want_grad_pred: bool, want_grad_target: 
             PRESCALE_GRAD=pred.dtype != torch.float16,
             num_warps=4,
         )
-    kernel[(grid,)](
+    _token_l1_fwd_kernel[(grid,)](
         pred,
         target,
         perm,
@@ -409,14 +383,9 @@ def _launch_backward(grad_loss, work, grad_pred, grad_target) -> None:
     numel_b = b.numel() if len(buffers) > 1 else 0
     blocks_a = triton.cdiv(a.numel(), BWD_BLOCK)
     num_blocks = blocks_a + triton.cdiv(numel_b, BWD_BLOCK)
-    if a.is_cuda:
-        # Few programs: with g == 1 (the usual loss.backward()) they all return at once.
-        kernel = _token_l1_bwd_kernel
-        grid = min(num_blocks, _num_sms(a.device.index) * CUDA_CONFIG.bwd_programs_per_sm)
-    else:
-        kernel = _interpreted(_token_l1_bwd_kernel)
-        grid = min(num_blocks, 2)
-    kernel[(grid,)](
+    # Few programs: with g == 1 (the usual loss.backward()) they all return at once.
+    programs = num_sms(a.device.index) * CUDA_CONFIG.bwd_programs_per_sm if a.is_cuda else 2
+    _token_l1_bwd_kernel[(min(num_blocks, programs),)](
         grad_loss, work, a, a.numel(), b, numel_b, blocks_a, num_blocks, BLOCK=BWD_BLOCK, num_warps=BWD_NUM_WARPS
     )
 
@@ -437,7 +406,7 @@ class TokenL1LossFunction(torch.autograd.Function):
             ctx.want = (want_grad_pred, want_grad_target)
             ctx.save_for_backward(pred, target)
             return loss
-        with _on_device(pred.device):
+        with on_device(pred.device):
             loss, work, grad_pred, grad_target = _launch_forward(pred, target, perm, want_grad_pred, want_grad_target)
         ctx.empty = False
         ctx.want = (want_grad_pred, want_grad_target)
@@ -460,7 +429,7 @@ class TokenL1LossFunction(torch.autograd.Function):
                 None,
             )
         work, grad_pred, grad_target = ctx.work, ctx.grad_pred, ctx.grad_target
-        with _on_device(grad_loss.device):
+        with on_device(grad_loss.device):
             if grad_pred is None and grad_target is None:
                 # A second backward through a retained graph: the buffers of the first were handed
                 # to autograd (it may own them as .grad now), so write fresh ones.
@@ -470,95 +439,3 @@ class TokenL1LossFunction(torch.autograd.Function):
             ctx.grad_pred = ctx.grad_target = None
             _launch_backward(grad_loss, work, grad_pred, grad_target)
         return grad_pred, grad_target, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# Functional front
-# --------------------------------------------------------------------------------------------
-
-
-def _check_inputs(pred, target, perm) -> None:
-    for name, t in (("pred", pred), ("target", target), ("perm", perm)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"token_l1_loss: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if pred.dim() != 3:
-        raise ValueError(f"token_l1_loss: pred must have shape [B, Np, D] (3 dims), got {tuple(pred.shape)}")
-    if target.dim() != 3:
-        raise ValueError(f"token_l1_loss: target must have shape [B, Nt, D] (3 dims), got {tuple(target.shape)}")
-    B, _, D = pred.shape
-    if target.shape[0] != B:
-        raise ValueError(f"token_l1_loss: target batch size must equal pred's ({B}), got {target.shape[0]}")
-    if target.shape[2] != D:
-        raise ValueError(f"token_l1_loss: target width D must equal pred's ({D}), got {target.shape[2]}")
-    if D == 0:
-        raise ValueError("token_l1_loss: the token width D must be at least 1, got 0")
-    if perm.dim() != 2 or perm.shape[0] != B or perm.shape[1] != target.shape[1]:
-        raise ValueError(
-            f"token_l1_loss: perm must have shape [B, Nt] = {(B, target.shape[1])}, got {tuple(perm.shape)}"
-        )
-    if perm.dtype != torch.int64:
-        raise TypeError(f"token_l1_loss: perm must be torch.int64, got {perm.dtype}")
-    if pred.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"token_l1_loss: pred dtype must be one of float32, float16, bfloat16, got {pred.dtype}"
-        )
-    if target.dtype != pred.dtype:
-        raise TypeError(f"token_l1_loss: target dtype must equal pred's ({pred.dtype}), got {target.dtype}")
-    if target.device != pred.device or perm.device != pred.device:
-        raise ValueError(
-            "token_l1_loss: pred, target and perm must be on one device, got "
-            f"pred on {pred.device}, target on {target.device}, perm on {perm.device}"
-        )
-
-
-def check_perm(perm: torch.Tensor, num_pred_rows: int) -> None:
-    """Raises ValueError unless every perm entry is -1 or in [0, num_pred_rows) and the valid
-    entries of each row are distinct (a partial permutation). Synchronises with the device."""
-    bad = (perm < -1) | (perm >= num_pred_rows)
-    if bool(bad.any()):
-        b, j = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(
-            f"token_l1_loss: perm[{b}, {j}] must be -1 or in [0, {num_pred_rows}), got {int(perm[b, j])}"
-        )
-    if perm.shape[1] > 1:
-        ordered = perm.sort(dim=1).values
-        repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-        if bool(repeated.any()):
-            b, j = (int(v) for v in repeated.nonzero()[0])
-            raise ValueError(
-                f"token_l1_loss: perm[{b}] must match each predicted row at most once, "
-                f"but row {int(ordered[b, j + 1])} is matched more than once"
-            )
-
-
-def _use_triton(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def token_l1_loss(
-    pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, *, validate: bool = False
-) -> torch.Tensor:
-    """Mean absolute difference between target rows and their matched predicted rows.
-
-    pred [B, Np, D], target [B, Nt, D] (float32/float16/bfloat16, one dtype), perm int64 [B, Nt]:
-    perm[b, j] is the row of pred[b] matched to target[b, j], -1 when target row j is not valid;
-    the valid entries of a row must be distinct. Returns the fp32 scalar
-    sum_{valid (b, j)} |pred[b, perm[b, j]] - target[b, j]|_1 / (D * #valid), 0 if nothing is valid.
-    Differentiable in pred and target; gradients come in the input dtype.
-
-    validate=True also checks the values of perm (range, distinctness), which synchronises with
-    the device; by default out-of-range entries are ignored and repeated ones are undefined.
-    CUDA tensors run the Triton kernels, CPU tensors run them in the Triton interpreter when
-    TRITON_INTERPRET=1 and otherwise the PyTorch reference.
-    """
-    _check_inputs(pred, target, perm)
-    if validate:
-        check_perm(perm, pred.shape[1])
-    if not _use_triton(pred.device):
-        return reference.token_l1_loss(pred, target, perm)
-    grad_on = torch.is_grad_enabled()
-    return TokenL1LossFunction.apply(
-        pred, target, perm, grad_on and pred.requires_grad, grad_on and target.requires_grad
-    )

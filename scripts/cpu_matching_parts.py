@@ -23,8 +23,8 @@ from torch.utils.cpp_extension import load_inline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from collat import reference  # noqa: E402
-from collat.matching import greedy_match, optimal_match  # noqa: E402
+from collat.ops import reference  # noqa: E402
+from collat.ops.matching import greedy_match, optimal_match  # noqa: E402
 
 SOURCE = r"""
 #include "matching_cpu.h"

@@ -2,7 +2,7 @@
 for ncu -k regex:match_kernel --launch-skip 2 --launch-count 2."""
 import torch
 
-import collat.matching  # noqa: F401
+import collat.ops  # noqa: F401
 
 g = torch.Generator().manual_seed(0)
 pred = torch.randn(256, 77, 512, generator=g).cuda()

@@ -22,8 +22,8 @@ import torch
 import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from collat import reference  # noqa: E402
-from collat.matching import greedy_match, optimal_match  # noqa: E402
+from collat.ops import reference  # noqa: E402
+from collat.ops.matching import greedy_match, optimal_match  # noqa: E402
 
 
 def kernel_us(fn) -> float:

@@ -76,7 +76,7 @@ def test_cli_multi_label_scores_are_the_models_cosines(model_dir, tmp_path, caps
     text = capsys.readouterr().out
     assert text.startswith(path) and len(text.strip().splitlines()) == 2
 
-    from collat.evaluate import load_model
+    from collat.model import load_model
 
     model = load_model(model_dir)
     expected = model.zero_shot([torch.from_numpy(soundfile.read(path, dtype="float32")[0])], labels, multi_label=True)[0]

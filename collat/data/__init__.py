@@ -4,6 +4,8 @@ Every data set yields the same item dict: {"wave": float32 [T], "labels": float3
 "text": prompt or caption, "names": [class names]}; `collate` batches them.
 """
 from collat.data.audio_io import AudioReadError, load_audio
+from collat.data.collate import collate
+from collat.data.gm_sounds import CLASSES, HELDOUT_CLASSES, SEEN_CLASSES, SoundClass
 from collat.data.manifest import (
     ManifestDataset,
     ManifestEntry,
@@ -12,21 +14,10 @@ from collat.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from collat.data.soundfont import (
-    CLASSES,
-    HELDOUT_CLASSES,
-    SEEN_CLASSES,
-    SoundClass,
-    SoundfontDataset,
-    class_prompts,
-    collate,
-    find_soundfont,
-    make_prompt,
-)
+from collat.data.soundfont import SoundfontDataset, find_soundfont
 
 __all__ = [
-    "CLASSES", "HELDOUT_CLASSES", "SEEN_CLASSES", "SoundClass", "SoundfontDataset", "class_prompts", "collate",
-    "find_soundfont", "make_prompt",
+    "CLASSES", "HELDOUT_CLASSES", "SEEN_CLASSES", "SoundClass", "SoundfontDataset", "collate", "find_soundfont",
     "AudioReadError", "load_audio",
     "ManifestDataset", "ManifestEntry", "check_files_exist", "class_names_of", "read_manifest", "write_manifest",
     "audioset_entries", "esc50_entries", "fsd50k_entries", "urbansound8k_entries",

@@ -1,4 +1,4 @@
-"""Reading audio files: soundfile for decoding, torchaudio for resampling, a fixed crop at evaluation.
+"""Reading audio files, the one loader of collat: soundfile decodes, torchaudio resamples.
 
 Every clip comes out mono float32 at `sample_rate`. With `clip_seconds`, it is cut or zero-padded
 to exactly that length:
@@ -33,7 +33,11 @@ class AudioReadError(RuntimeError):
         super().__init__(f"cannot read audio {self.path}: {reason}")
 
     def __reduce__(self):  # keeps (path, reason) when the error crosses a DataLoader worker boundary
-        return (AudioReadError, (self.path, self.reason))
+        return (type(self), (self.path, self.reason))
+
+
+class AudioFileNotFoundError(AudioReadError, FileNotFoundError):
+    """The audio file is not there (also a FileNotFoundError, as open() would raise)."""
 
 
 def fit_length(wave: torch.Tensor, num_frames: int, mode: str = "eval", rng: np.random.Generator | None = None,
@@ -79,7 +83,7 @@ def decode_audio(source, sample_rate: int = 16000, clip_seconds: float | None = 
     try:
         data, file_rate = soundfile.read(source, dtype="float32", always_2d=True)
     except FileNotFoundError:
-        raise AudioReadError(label, "no such file") from None
+        raise AudioFileNotFoundError(label, "no such file") from None
     except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as error:
         raise AudioReadError(label, f"not decodable as audio ({error})") from None
     if data.shape[0] == 0:
@@ -101,7 +105,7 @@ def load_audio(path, sample_rate: int = 16000, clip_seconds: float | None = None
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if not os.path.exists(path):
-        raise AudioReadError(path, "no such file")
+        raise AudioFileNotFoundError(path, "no such file")
     if os.path.isdir(path):
         raise AudioReadError(path, "is a directory, not an audio file")
     if os.path.getsize(path) == 0:

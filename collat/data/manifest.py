@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from collat.data.audio_io import AudioReadError, load_audio
-from collat.data.soundfont import make_prompt
+from collat.prompts import make_prompt
 
 LABEL_SEPARATOR = ";"
 CSV_COLUMNS = ("path", "labels", "caption", "split")

@@ -1,0 +1,227 @@
+"""CoLLAT: AST audio encoder + token interaction module predicting a locked text encoder's token
+embeddings (paper section 3).
+
+    wave --fbank--> AST --proj--> audio tokens --f_at--> h_at [B, N, D_t] --f_t (locked)--> z_a
+    text --tokenizer--> ids --E_t--> h_t [B, N, D_t] --f_t (locked, no grad)--> z_t
+
+The training forward (`compute_losses`) and the inference API (`encode_audio`, `zero_shot`, ...) live
+here; saving and loading in pretrained.py, the configuration in collat/config.py.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from collat.config import CoLLATConfig
+from collat.data.audio_io import load_audio
+from collat.model import audio as audio_lib
+from collat.model import losses as L
+from collat.model.interaction import TokenInteraction
+from collat.model.pretrained import PretrainedMixin, checkpoint_folder
+from collat.model.text import LockedTextEncoder, build_text_encoder
+from collat.ops import OpSet, op_set
+from collat.prompts import make_prompt
+
+
+class CoLLAT(PretrainedMixin, nn.Module):
+    def __init__(self, config: CoLLATConfig | None = None):
+        super().__init__()
+        config = config or CoLLATConfig()
+        config.validate()
+        self.config = config
+        self.text: LockedTextEncoder = build_text_encoder(
+            config.text_encoder, config.context_length, config.text_checkpoint, config.text_seed
+        )
+        width = self.text.width
+        self.context_length = self.text.context_length
+        frames = config.target_frames or audio_lib.frames_for_seconds(config.clip_seconds)
+        self.frontend = audio_lib.FbankFrontEnd(frames, config.window_type, mean=config.fbank_mean, std=config.fbank_std)
+        self.audio = audio_lib.ASTEncoder(width, frames, config.audio_size, config.audio_checkpoint,
+                                          patch_stride=config.patch_stride)
+        self.interaction = TokenInteraction(
+            width, self.context_length, depth=config.interaction_depth, num_heads=config.interaction_heads,
+            mlp_ratio=config.interaction_mlp_ratio, seed=config.interaction_seed,
+            resample_queries=config.resample_queries, ops=op_set(config.fused),
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(L.LOGIT_SCALE_INIT))
+        self.contrastive = L.ContrastiveLoss(config.local_loss, config.gather_with_grad)
+
+    # ------------------------------------------------------------------ switches
+    @property
+    def ops(self) -> OpSet:
+        return self.interaction.ops
+
+    def set_fused(self, fused: bool) -> None:
+        """Switch between the fused ops and the references on the same weights."""
+        self.config.fused = fused
+        self.interaction.ops = op_set(fused)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def locked_text_state(self) -> dict[str, torch.Tensor]:
+        """Clones of every text-encoder tensor, to verify that training leaves it bit-identical."""
+        return {k: v.detach().clone() for k, v in self.text.state_dict().items()}
+
+    # ------------------------------------------------------------------ forward pieces
+    def audio_tokens_from_fbank(self, fbank: torch.Tensor) -> torch.Tensor:
+        return self.interaction(self.audio(fbank))
+
+    def compute_losses(self, wave: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+        """All three losses for a batch of waves [B, T] (16 kHz) and their prompts.
+
+        Returns loss (weighted total), l_ct, l_cg, l_ut and logit_scale (exp(t), detached).
+        The clean and noisy fbanks go through AST and f_at as ONE batched pass.
+        """
+        cfg = self.config
+        if len(texts) != wave.shape[0]:
+            raise ValueError(f"texts must have one prompt per wave: {wave.shape[0]} waves, {len(texts)} texts")
+        fbank = self.frontend(wave.to(self.device))
+        B = fbank.shape[0]
+        wants_ut = cfg.lambda_ut > 0 and cfg.noise_std > 0
+        num_noisy = noisy_twin_count(cfg.noisy_fraction, B, *L.distributed_world()) if wants_ut else 0
+        if num_noisy:
+            noisy = fbank[:num_noisy] + cfg.noise_std * torch.randn_like(fbank[:num_noisy])
+            fbank = torch.cat([fbank, noisy], dim=0)
+        h_all = self.audio_tokens_from_fbank(fbank)
+        h_at = h_all[:B].float()
+
+        ids, mask = self.text.tokenize(texts)
+        with torch.no_grad():
+            h_t = self.text.embed(ids).float()
+            z_t = F.normalize(self.text.encode_text(ids, mask).float(), dim=-1)
+        lengths = mask.sum(dim=1)
+
+        l_ct, _ = L.cross_token_loss(h_at, h_t, lengths, cfg.matching, cfg.metric, self.ops)
+        z_a = F.normalize(self.text.encode_predicted(h_all[:B]).float(), dim=-1)
+        logit_scale = L.clamped_logit_scale(self.logit_scale)
+        l_cg = self.contrastive(z_a, z_t, logit_scale)
+        if wants_ut:  # on every rank, even one without twins: the loss all-reduces its token count
+            clean = h_at[:num_noisy]
+            if cfg.stop_grad_clean:
+                clean = clean.detach()
+            l_ut = L.unimodal_token_loss(clean, h_all[B:].float(), self.ops)
+        else:
+            l_ut = h_at.new_zeros(())
+        loss = cfg.lambda_ct * l_ct + cfg.lambda_cg * l_cg + cfg.lambda_ut * l_ut
+        return {"loss": loss, "l_ct": l_ct, "l_cg": l_cg, "l_ut": l_ut, "logit_scale": logit_scale.detach()}
+
+    def forward(self, wave: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The training forward (= compute_losses), so DistributedDataParallel can wrap the model."""
+        return self.compute_losses(wave, texts)
+
+    # ------------------------------------------------------------------ inference
+    def _waves(self, audio) -> list[torch.Tensor]:
+        """Normalise the accepted audio inputs to a list of 1-D float tensors at 16 kHz."""
+        if isinstance(audio, torch.Tensor):
+            if audio.dim() == 1:
+                audio = audio[None]
+            if audio.dim() != 2:
+                raise ValueError(f"audio tensor must have shape [B, T] or [T] (16 kHz mono), got {tuple(audio.shape)}")
+            return list(audio)
+        if isinstance(audio, (str, os.PathLike)):
+            audio = [audio]
+        if not isinstance(audio, (list, tuple)):
+            raise TypeError(f"audio must be a tensor [B, T], a list of 1-D tensors or a list of file paths, got {type(audio).__name__}")
+        waves = []
+        for i, item in enumerate(audio):
+            if isinstance(item, (str, os.PathLike)):
+                waves.append(load_audio(item, self.frontend.sample_rate))
+            elif isinstance(item, torch.Tensor):
+                if item.dim() != 1:
+                    raise ValueError(f"audio[{i}] must be a 1-D waveform, got shape {tuple(item.shape)}")
+                waves.append(item)
+            else:
+                raise TypeError(f"audio[{i}] must be a file path or a 1-D tensor, got {type(item).__name__}")
+        return waves
+
+    def _fbank_batches(self, audio, batch_size: int, noise_std: float = 0.0, noise_seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        waves = self._waves(audio)
+        generator = torch.Generator().manual_seed(noise_seed)
+        for start in range(0, len(waves), batch_size):
+            chunk = waves[start : start + batch_size]
+            fbank = torch.stack([self.frontend(w.float().cpu())[0] for w in chunk]) if chunk else None
+            if noise_std > 0:
+                fbank = fbank + noise_std * torch.randn(fbank.shape, generator=generator)
+            yield fbank.to(self.device)
+
+    def _inference(self, fn, audio, batch_size: int, noise_std: float = 0.0, noise_seed: int = 0) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                outs = [fn(fbank) for fbank in self._fbank_batches(audio, batch_size, noise_std, noise_seed)]
+        finally:
+            self.train(was_training)
+        if not outs:
+            raise ValueError("audio is empty")
+        return torch.cat(outs, dim=0)
+
+    def audio_to_text_tokens(self, audio, batch_size: int = 32, noise_std: float = 0.0, noise_seed: int = 0) -> torch.Tensor:
+        """h_at [B, N, D_t]: the predicted token embeddings (eval mode, no grad, deterministic)."""
+        return self._inference(lambda fb: self.audio_tokens_from_fbank(fb).float(), audio, batch_size, noise_std, noise_seed)
+
+    def encode_audio(self, audio, batch_size: int = 32, noise_std: float = 0.0, noise_seed: int = 0) -> torch.Tensor:
+        """z_a [B, E], L2-normalised. audio: tensor [B, T] at 16 kHz, list of 1-D tensors, or file paths.
+
+        noise_std > 0 adds seeded Gaussian noise to the normalised fbank (the robustness evaluation).
+        """
+        def fn(fbank):
+            return F.normalize(self.text.encode_predicted(self.audio_tokens_from_fbank(fbank)).float(), dim=-1)
+
+        return self._inference(fn, audio, batch_size, noise_std, noise_seed)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """z_t [B, E], L2-normalised."""
+        outs = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.text.tokenize(list(texts[start : start + batch_size]))
+            outs.append(F.normalize(self.text.encode_text(ids, mask).float(), dim=-1))
+        if not outs:
+            raise ValueError("texts is empty")
+        return torch.cat(outs, dim=0)
+
+    def conditioning(self, audio, batch_size: int = 32) -> torch.Tensor:
+        """[B, N, W]: the locked text encoder's per-token last hidden states for the predicted tokens
+        (for CLIP after ln_final, as latent-diffusion pipelines take prompt embeddings)."""
+        return self._inference(lambda fb: self.text.hidden_predicted(self.audio_tokens_from_fbank(fb)).float(), audio, batch_size)
+
+    def zero_shot(self, audio, labels: list[str], multi_label: bool = False, batch_size: int = 32,
+                  noise_std: float = 0.0, noise_seed: int = 0) -> torch.Tensor:
+        """Scores [B, C] against the prompts "This is a sound of {label}".
+
+        Single-label: softmax over the labels of exp(t) * cosine (rows sum to 1).
+        Multi-label: the raw cosine similarities in [-1, 1] (rank per class, e.g. for mAP).
+        """
+        if isinstance(labels, str) or not labels:
+            raise ValueError("labels must be a non-empty list of class names")
+        z_t = self.encode_text([make_prompt([label]) for label in labels])
+        z_a = self.encode_audio(audio, batch_size, noise_std, noise_seed)
+        cosine = z_a @ z_t.T
+        if multi_label:
+            return cosine
+        return (L.clamped_logit_scale(self.logit_scale.detach()).float() * cosine).softmax(dim=-1)
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CoLLAT:
+    """A CoLLAT in eval mode on `device`, from a checkpoint folder or a training run folder."""
+    model = CoLLAT.from_pretrained(checkpoint_folder(directory))
+    return model.to(torch.device(device) if isinstance(device, str) else device).eval()
+
+
+def noisy_twin_count(fraction: float, local_batch: int, rank: int = 0, world_size: int = 1) -> int:
+    """How many clips of this rank's batch get a noisy twin for L_ut: round(fraction * global batch)
+    spread over the ranks, so that K ranks together make as many twins as one process would."""
+    total = int(round(fraction * local_batch * world_size))
+    share = total // world_size + (1 if rank < total % world_size else 0)
+    return min(share, local_batch)

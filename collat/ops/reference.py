@@ -1,0 +1,117 @@
+"""Plain-PyTorch references of every custom op.
+
+These are the oracles the tests compare against and the baselines the benchmarks time.
+They favour obviousness over speed; none of them validates its inputs (the op fronts do).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+
+Metric = Literal["l1", "l2", "cosine"]
+METRICS = get_args(Metric)
+COSINE_EPS = 1e-8
+
+
+def pairwise_distance(target: torch.Tensor, pred: torch.Tensor, metric: str = "l1") -> torch.Tensor:
+    """dist[b, j, i] between target row j and predicted row i, computed in fp32.
+
+    l1 = sum |t - p|, l2 = sum (t - p)^2 (squared Euclidean), cosine = 1 - t.p / max(|t| |p|, eps).
+    """
+    t = target.float()
+    p = pred.float()
+    if metric == "l1":
+        return torch.cdist(t, p, p=1.0)
+    if metric == "l2":
+        # Explicit difference form: the matmul expansion |t|^2 - 2 t.p + |p|^2 cancels badly.
+        return torch.cdist(t, p, p=2.0, compute_mode="donot_use_mm_for_euclid_dist").square()
+    if metric == "cosine":
+        dot = torch.bmm(t, p.transpose(1, 2))
+        norms = t.norm(dim=-1)[:, :, None] * p.norm(dim=-1)[:, None, :]
+        return 1.0 - dot / norms.clamp_min(COSINE_EPS)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def greedy_match(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor, metric: str = "l1") -> torch.Tensor:
+    """Greedy right-to-left matching of DESIGN.md section 2.
+
+    For every item b, text tokens j = L_b-1 .. 0 each take the closest predicted token i that is
+    not yet taken (ties to the smallest i). Returns perm int64 [B, N]; perm[b, j] = -1 for j >= L_b.
+    """
+    B, N, _ = target.shape
+    perm = torch.full((B, N), -1, dtype=torch.int64, device=target.device)
+    if B == 0 or N == 0:
+        return perm
+    dist = pairwise_distance(target, pred, metric)
+    lengths = lengths.to(device=target.device, dtype=torch.int64)
+    taken = torch.zeros(B, pred.shape[1], dtype=torch.bool, device=target.device)
+    rows = torch.arange(B, device=target.device)
+    for j in range(N - 1, -1, -1):
+        active = j < lengths
+        d = dist[:, j, :].masked_fill(taken, math.inf)
+        best = d.argmin(dim=-1)  # first minimum on ties
+        perm[:, j] = torch.where(active, best, perm[:, j])
+        taken[rows[active], best[active]] = True
+    return perm
+
+
+def assignment_cost(pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, metric: str = "l1") -> torch.Tensor:
+    """Total matched distance per item, float64 [B]: sum over valid j of dist(target[b, j], pred[b, perm[b, j]])."""
+    dist = pairwise_distance(target, pred, metric).double()
+    valid = perm >= 0
+    picked = dist.gather(2, perm.clamp_min(0)[..., None])[..., 0]
+    return (picked * valid).sum(dim=1)
+
+
+def optimal_match(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor, metric: str = "l1") -> torch.Tensor:
+    """Exact rectangular assignment per item with scipy's linear_sum_assignment (the oracle)."""
+    from scipy.optimize import linear_sum_assignment
+
+    B, N, _ = target.shape
+    perm = torch.full((B, N), -1, dtype=torch.int64)
+    if B == 0 or N == 0:
+        return perm.to(target.device)
+    dist = pairwise_distance(target, pred, metric).double().cpu().numpy()
+    for b, length in enumerate(lengths.tolist()):
+        if length == 0:
+            continue
+        rows, cols = linear_sum_assignment(dist[b, :length, :])
+        perm[b, torch.from_numpy(rows)] = torch.from_numpy(cols).long()
+    return perm.to(target.device)
+
+
+def token_l1_loss(pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """L_ct: sum over valid (b, j) of |pred[b, perm[b, j]] - target[b, j]|_1 / (D * #valid); 0 if none.
+
+    Returns an fp32 scalar (float64 when an input is float64). Differentiable in pred and target.
+    """
+    D = target.shape[-1]
+    acc = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
+    valid = perm >= 0
+    index = perm.clamp_min(0)[..., None].expand(-1, -1, D)
+    gathered = pred.gather(1, index).to(acc)
+    per_token = (gathered - target.to(acc)).abs().sum(dim=-1) * valid
+    count = valid.sum()
+    return per_token.sum() / (count.clamp_min(1) * D).to(acc)
+
+
+def cross_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for q [B, H, Nq, d], k/v [B, H, Nk, d].
+
+    key_padding_mask: bool [B, Nk], True = padding key (ignored). A row with every key masked gives
+    zeros (and zero gradients), not NaN. Computed in the inputs' dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], -math.inf)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return torch.matmul(probs, v)

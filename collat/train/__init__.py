@@ -1,0 +1,15 @@
+"""Training CoLLAT, one concern per module:
+
+    loop.py         run(): set up, the steps, the final evaluation
+    batching.py     the training data, the evaluation sets, the batch stream
+    checkpoint.py   atomic checkpoints and exact resume
+    distributed.py  torchrun: process group, per-rank seeds, reductions
+    optim.py        AdamW and the learning-rate schedule
+    runlog.py       log.jsonl and losses.png
+    signals.py      Ctrl-C / SIGTERM: checkpoint and stop
+    __main__.py     `python -m collat.train`
+"""
+from collat.config import TrainConfig
+from collat.train.loop import NonFiniteLossError, run
+
+__all__ = ["run", "TrainConfig", "NonFiniteLossError"]
