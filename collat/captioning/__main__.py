@@ -14,8 +14,8 @@ from collat.captioning.caption import FEATURES, Captioner, caption_files, extrac
 from collat.captioning.decoder import CaptionerConfig, CaptionTraining, save_captioner, train_captioner
 from collat.captioning.metrics import SCORERS, TOKENIZERS, caption_metrics
 from collat.captioning.vocab import Vocabulary
-from collat.data.manifest import ManifestDataset, read_manifest
 from collat.data.gm_sounds import SEEN_CLASSES
+from collat.data.manifest import ManifestDataset, read_manifest
 from collat.device import resolve_device
 from collat.evaluate.sets import load_manifest_rows, soundfont_set
 from collat.fileio import atomic_write_text

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
 PTB = "ptb"
 REGEX = "regex"

@@ -3,8 +3,8 @@ captions for new files, read and decoded batch by batch (memory follows the batc
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -34,7 +34,7 @@ class Captioner:
     meta: dict
 
     @classmethod
-    def load(cls, directory: str, device: torch.device | str = "cpu") -> "Captioner":
+    def load(cls, directory: str, device: torch.device | str = "cpu") -> Captioner:
         decoder, vocab, meta = load_captioner(directory)
         return cls(decoder.to(device), vocab, meta)
 

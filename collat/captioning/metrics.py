@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from collat.captioning import aac
 from collat.captioning.aac import external_metrics
@@ -173,8 +173,11 @@ def tokenize_corpus(candidates, references, tokenizer: str = "auto") -> tuple[st
         if tokenizer == aac.PTB:
             raise ValueError(f"the PTB tokenizer cannot run: {reason}")
         notes.append(f"PTB tokenizer not used: {reason}; captions were tokenised by the {aac.TOKENIZER_NAMES[aac.REGEX]}")
-    join = lambda text: " ".join(tokenize_caption(text))  # noqa: E731
-    return aac.REGEX, [join(c) for c in candidates], [[join(r) for r in refs] for refs in references], notes
+    return aac.REGEX, [_joined(c) for c in candidates], [[_joined(r) for r in refs] for refs in references], notes
+
+
+def _joined(text: str) -> str:
+    return " ".join(tokenize_caption(text))
 
 
 def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]], external: bool = True,

@@ -102,11 +102,11 @@ def architecture_table(model) -> str:
     trainable = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("text."))
     total = sum(p.numel() for p in model.parameters())
     rows = [
-        ("text encoder (locked)", f"`{config.text_encoder}`: width {text.width}, embedding {text.embed_dim}, "
-                                  f"context {text.context_length} tokens"),
-        ("audio encoder", f"AST: {ast.num_hidden_layers} layers, width {ast.hidden_size}, {ast.patch_size}x"
-                          f"{ast.patch_size} patches with stride {ast.time_stride}, {model.audio.num_tokens} patch tokens"),
-        ("token interaction", f"{config.interaction_depth} blocks, {config.interaction_heads} heads"),
+        ("text encoder (locked)", (f"`{config.text_encoder}`: width {text.width}, embedding {text.embed_dim}, "
+                                   f"context {text.context_length} tokens")),
+        ("audio encoder", (f"AST: layers {ast.num_hidden_layers}, width {ast.hidden_size}, {ast.patch_size}x"
+                           f"{ast.patch_size} patches with stride {ast.time_stride}, {model.audio.num_tokens} patch tokens")),
+        ("token interaction", f"blocks {config.interaction_depth}, heads {config.interaction_heads}"),
         ("audio input", f"16 kHz mono, {config.clip_seconds:g} s clips, 128-bin fbank ({config.window_type} window)"),
         ("parameters", f"{total / 1e6:.1f} M, of which {trainable / 1e6:.1f} M trained (the text encoder is locked)"),
     ]

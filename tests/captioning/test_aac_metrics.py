@@ -6,8 +6,7 @@ import random
 import pytest
 
 from collat import captioning
-from collat.captioning import aac
-from collat.captioning import metrics
+from collat.captioning import aac, metrics
 
 HAS_AAC = importlib.util.find_spec("aac_metrics") is not None
 needs_aac = pytest.mark.skipif(not HAS_AAC, reason="aac-metrics is not installed (pip install 'aac-metrics==0.5.4', "

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 import torchaudio
 
 from collat import predict
-from collat.model import CoLLAT, CoLLATConfig
-from collat.model import inference
+from collat.model import CoLLAT, CoLLATConfig, inference
 
 SR = 16000
 LABELS = ["violin", "dog barking", "rain"]

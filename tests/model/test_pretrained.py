@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-from collat.model import CoLLAT, CoLLATConfig, load_model
-from collat.model import pretrained
+from collat.model import CoLLAT, CoLLATConfig, load_model, pretrained
 
 TEXTS = ["This is a sound of violin", "This is a sound of snare drum and piano"]
 TINY_CLIP = "collat-test-tiny-clip"  # an open_clip config registered only while the model is built
