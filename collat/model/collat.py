@@ -125,11 +125,17 @@ class CoLLAT(PretrainedMixin, nn.Module):
     # 16 kHz), files at their own rate, read lazily batch by batch; audio longer than clip_seconds is cut
     # into windows of that length (a last piece under half a window dropped unless it is the only one) whose
     # results are averaged; shorter audio is zero-padded. dtype=torch.bfloat16 / float16 runs under autocast;
-    # grad=True keeps the graph, from the result back to the weights and to input tensors.
+    # grad=True keeps the graph from the result back to the weights (back to input tensors only through a
+    # differentiable audio front end; the fbank front end runs without gradients).
     @property
     def window_samples(self) -> int:
         """Samples of one inference window: the model's clip length at 16 kHz."""
         return int(round(self.config.clip_seconds * self.frontend.sample_rate))
+
+    def _autocast(self, dtype):
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=resolve_dtype(dtype))
 
     def _window_outputs(self, fn, audio, sample_rate: int, batch_size: int, noise_std: float, noise_seed: int):
         items = inference.audio_items(audio)
@@ -146,10 +152,8 @@ class CoLLAT(PretrainedMixin, nn.Module):
                    noise_seed: int = 0, dtype=None, grad: bool = False) -> torch.Tensor:
         was_training = self.training
         self.eval()
-        autocast = (torch.autocast(self.device.type, dtype=resolve_dtype(dtype)) if dtype is not None
-                    else contextlib.nullcontext())
         try:
-            with torch.set_grad_enabled(grad), autocast:
+            with torch.set_grad_enabled(grad), self._autocast(dtype):
                 means = inference.average_by_clip(
                     self._window_outputs(fn, audio, sample_rate, batch_size, noise_std, noise_seed))
         finally:
@@ -169,7 +173,8 @@ class CoLLAT(PretrainedMixin, nn.Module):
         """z_a [B, E], L2-normalised. audio: a tensor [B, T] or [T] at `sample_rate`, a list of 1-D tensors,
         file paths (read lazily, any rate). Long audio: the normalised window embeddings are averaged and
         normalised again. noise_std > 0 adds seeded Gaussian noise to the normalised fbank (robustness
-        evaluation). grad=True keeps gradients (to the weights and to input tensors), e.g. for guidance.
+        evaluation). grad=True keeps the graph (to the weights; to input tensors only through a differentiable
+        front end), e.g. for guidance.
         """
         def fn(fbank):
             return F.normalize(self.text.encode_predicted(self.audio_tokens_from_fbank(fbank)).float(), dim=-1)
@@ -180,9 +185,7 @@ class CoLLAT(PretrainedMixin, nn.Module):
     def encode_text(self, texts: list[str], batch_size: int = 256, *, dtype=None) -> torch.Tensor:
         """z_t [B, E], L2-normalised (no gradients: the text encoder is locked)."""
         outs = []
-        autocast = (torch.autocast(self.device.type, dtype=resolve_dtype(dtype)) if dtype is not None
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), self._autocast(dtype):
             for start in range(0, len(texts), batch_size):
                 ids, mask = self.text.tokenize(list(texts[start : start + batch_size]))
                 outs.append(F.normalize(self.text.encode_text(ids, mask).float(), dim=-1))
