@@ -13,7 +13,7 @@ import torch
 from collat.data.audio_io import AudioReadError, load_audio
 from collat.device import resolve_device
 from collat.fileio import atomic_write_text
-from collat.model import load_model
+from collat.model import inference, load_model
 from collat.prompts import make_prompt
 
 EXIT_ERROR = 1
@@ -23,9 +23,9 @@ DESCRIPTION = """Rank candidate labels for audio files with a trained CoLLAT (ze
 EPILOG = """scores: by default a softmax over the labels (probabilities that sum to 1); with --multi-label the
 cosine similarity of each label on its own (labels do not compete).
 
-long files: cut into consecutive windows of the model's clip length whose scores are averaged
-(--long-audio windows, the default; a last piece shorter than half a window is dropped unless it is the
-only one), or only the first window (crop), or refused (error).
+long files: cut into consecutive windows of the model's clip length whose embeddings are averaged before
+scoring (--long-audio windows, the default, the rule of the model's Python API; a last piece shorter than
+half a window is dropped unless it is the only one), or only the first window (crop), or refused (error).
 
 exit status: 0 when every file was scored; 1 when a file could not be (the others are still printed) or
 when the labels, the model or the options are wrong."""
@@ -68,21 +68,10 @@ def check_labels_fit(model, labels: list[str]) -> None:
                 )
 
 
-def split_windows(wave: torch.Tensor, window: int, mode: str) -> list[torch.Tensor]:
-    """Consecutive windows of `window` samples (see the module docstring for the rules)."""
-    if mode not in LONG_AUDIO:
-        raise ValueError(f"long-audio mode must be one of {LONG_AUDIO}, got {mode!r}")
-    if wave.shape[0] <= window or mode == "crop":
-        return [wave[:window]]
-    pieces = [wave[start : start + window] for start in range(0, wave.shape[0], window)]
-    if len(pieces) > 1 and pieces[-1].shape[0] < window // 2:
-        pieces = pieces[:-1]
-    return pieces
-
-
 def load_clips(paths: list[str], sample_rate: int, clip_seconds: float, min_seconds: float, max_seconds: float,
                long_audio: str):
-    """Read every file; returns (clips, errors): clips are (path, seconds, windows), errors (path, message)."""
+    """Read every file; returns (clips, errors): clips are (path, seconds, wave, windows) with the wave the
+    model scores (cut to one window for --long-audio crop) and its window count; errors (path, message)."""
     window = int(round(clip_seconds * sample_rate))
     clips, errors = [], []
     for path in paths:
@@ -100,21 +89,18 @@ def load_clips(paths: list[str], sample_rate: int, clip_seconds: float, min_seco
             errors.append((path, f"audio longer than the model's {clip_seconds} s clips ({seconds:.1f} s); "
                                  "use --long-audio windows or crop"))
         else:
-            clips.append((path, seconds, split_windows(wave, window, long_audio)))
+            if long_audio == "crop":
+                wave = wave[:window]
+            clips.append((path, seconds, wave, inference.window_count(wave.shape[0], window)))
     return clips, errors
 
 
 def predict(model, clips, labels: list[str], multi_label: bool, batch_size: int = 32) -> list[torch.Tensor]:
-    """Scores [C] per clip: model.zero_shot over every window, averaged over the clip's windows."""
-    windows = [w for _, _, pieces in clips for w in pieces]
-    if not windows:
+    """Scores [C] per clip: model.zero_shot of each clip's wave (long waves: the model's window rule)."""
+    if not clips:
         return []
-    scores = model.zero_shot(windows, labels, multi_label=multi_label, batch_size=batch_size).cpu()
-    out, start = [], 0
-    for _, _, pieces in clips:
-        out.append(scores[start : start + len(pieces)].mean(0))
-        start += len(pieces)
-    return out
+    scores = model.zero_shot([wave for _, _, wave, _ in clips], labels, multi_label=multi_label, batch_size=batch_size)
+    return list(scores.cpu())
 
 
 def format_ranking(path: str, scores: torch.Tensor, labels: list[str], top_k: int, windows: int) -> str:
@@ -177,10 +163,10 @@ def main(argv=None) -> int:
         "multi_label": args.multi_label,
         "score": "cosine" if args.multi_label else "softmax probability",
         "predictions": [
-            {"file": path, "seconds": round(seconds, 3), "windows": len(pieces),
+            {"file": path, "seconds": round(seconds, 3), "windows": windows,
              "ranking": [{"label": labels[i], "score": float(s[i])}
                          for i in torch.argsort(s, descending=True, stable=True)[:top_k].tolist()]}
-            for (path, seconds, pieces), s in zip(clips, scores)
+            for (path, seconds, _, windows), s in zip(clips, scores)
         ],
         "errors": [{"file": path, "error": message} for path, message in errors],
     }
@@ -192,8 +178,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print("\n\n".join(format_ranking(path, s, labels, top_k, len(pieces))
-                          for (path, _, pieces), s in zip(clips, scores)))
+        print("\n\n".join(format_ranking(path, s, labels, top_k, windows)
+                          for (path, _, _, windows), s in zip(clips, scores)))
     for path, message in errors:
         print(f"collat.predict: error: {path}: {message}", file=sys.stderr)
     return EXIT_ERROR if errors else 0

@@ -12,23 +12,34 @@ literature reports, re-implemented in pure Python:
   coco's code, the "length" is the number of bigrams (words - 1 for non-empty captions).
 - METEOR and SPICE need Java and the ``aac-metrics`` package (with its downloaded jars); when either
   is missing they are reported as None with the reason, never silently left out.
+
+`caption_metrics` reports scores from aac-metrics when it is installed (aac.py) and says which tokenizer
+and which implementation produced them. On the same tokens the built-in BLEU, ROUGE-L and CIDEr-D equal
+aac-metrics' (tests/captioning), except where aac-metrics refuses a corpus that coco's code scores: CIDEr-D
+of a single clip (coco: 0, every IDF is log 1) and ROUGE-L against an empty reference (coco: recall 0).
+The tokenizers differ by design: PTB splits clitics ("dog's" -> "dog 's") and keeps hyphenated words and
+decimals whole ("high-pitched", "2.5"), where the regex keeps "dog's" and splits the other two.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import shutil
 from collections import Counter, defaultdict
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
+from collat.captioning import aac
+from collat.captioning.aac import external_metrics
 from collat.captioning.vocab import tokenize_caption
+
+Tokenizer = Callable[[str], list[str]]
+SCORERS = ("auto", "aac-metrics", "builtin")
+TOKENIZERS = ("auto", aac.PTB, aac.REGEX)
 
 
 def _ngram_counts(words: Sequence[str], max_n: int) -> Counter:
     return Counter(tuple(words[i : i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1))
 
 
-def _check_corpus(candidates: Sequence[str], references: Sequence[Sequence[str]]):
+def check_corpus(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> None:
     if len(candidates) != len(references):
         raise ValueError(f"got {len(candidates)} candidates but {len(references)} reference lists")
     if not candidates:
@@ -36,12 +47,17 @@ def _check_corpus(candidates: Sequence[str], references: Sequence[Sequence[str]]
     for i, refs in enumerate(references):
         if isinstance(refs, str) or len(refs) == 0:
             raise ValueError(f"references[{i}] must be a non-empty list of captions, got {refs!r}")
-    return [tokenize_caption(c) for c in candidates], [[tokenize_caption(r) for r in refs] for refs in references]
 
 
-def bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> list[float]:
+def _tokenized(candidates, references, tokenizer: Tokenizer):
+    check_corpus(candidates, references)
+    return [tokenizer(c) for c in candidates], [[tokenizer(r) for r in refs] for refs in references]
+
+
+def bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4,
+         tokenizer: Tokenizer = tokenize_caption) -> list[float]:
     """Corpus BLEU-1..max_n as in coco-caption (module docstring). Returns [BLEU-1, ..., BLEU-max_n]."""
-    cands, refs_all = _check_corpus(candidates, references)
+    cands, refs_all = _tokenized(candidates, references, tokenizer)
     tiny, small = 1e-15, 1e-9
     correct, guess = [0] * max_n, [0] * max_n
     cand_total, ref_total = 0, 0
@@ -77,9 +93,10 @@ def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return previous[-1]
 
 
-def rouge_l(candidates: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> float:
+def rouge_l(candidates: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2,
+            tokenizer: Tokenizer = tokenize_caption) -> float:
     """Mean ROUGE-L F-score as in coco-caption (module docstring); an empty candidate scores 0."""
-    cands, refs_all = _check_corpus(candidates, references)
+    cands, refs_all = _tokenized(candidates, references, tokenizer)
     scores = []
     for cand, refs in zip(cands, refs_all):
         if not cand:
@@ -95,9 +112,10 @@ def rouge_l(candidates: Sequence[str], references: Sequence[Sequence[str]], beta
     return sum(scores) / len(scores)
 
 
-def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4, sigma: float = 6.0) -> float:
+def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4, sigma: float = 6.0,
+            tokenizer: Tokenizer = tokenize_caption) -> float:
     """Corpus CIDEr-D as in coco-caption (module docstring): the mean of the per-clip scores."""
-    cands, refs_all = _check_corpus(candidates, references)
+    cands, refs_all = _tokenized(candidates, references, tokenizer)
     cand_counts = [_ngram_counts(c, max_n) for c in cands]
     ref_counts = [[_ngram_counts(r, max_n) for r in refs] for refs in refs_all]
     document_frequency: Counter = Counter()
@@ -134,51 +152,64 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], max_
     return sum(scores) / len(scores)
 
 
-def external_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[dict, list[str]]:
-    """METEOR and SPICE through aac-metrics when Java and aac-metrics are present.
+def builtin_scores(candidates: Sequence[str], references: Sequence[Sequence[str]],
+                   tokenizer: Tokenizer = tokenize_caption) -> dict:
+    results = {f"BLEU_{n}": v for n, v in enumerate(bleu(candidates, references, tokenizer=tokenizer), start=1)}
+    results["ROUGE_L"] = rouge_l(candidates, references, tokenizer=tokenizer)
+    results["CIDEr-D"] = cider_d(candidates, references, tokenizer=tokenizer)
+    return results
 
-    Returns ({"METEOR": float | None, "SPICE": float | None}, notes): a metric that could not be
-    computed is None and a note says why.
-    """
-    results: dict = {"METEOR": None, "SPICE": None}
-    if shutil.which("java") is None:
-        return results, ["METEOR and SPICE not computed: Java is not installed (they run on the JVM)"]
-    if importlib.util.find_spec("aac_metrics") is None:
-        return results, [
-            "METEOR and SPICE not computed: the aac-metrics package is not installed "
-            "(pip install aac-metrics && aac-metrics-download, which needs network access)"
-        ]
+
+def tokenize_corpus(candidates, references, tokenizer: str = "auto") -> tuple[str, list[str], list[list[str]], list[str]]:
+    """(tokenizer used, candidates, references as space-joined tokens, notes). auto: PTB where it can run."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
     notes = []
-    try:
-        from aac_metrics import functional as aac_functional  # optional dependency
-    except Exception as error:  # a broken install: say so instead of failing the whole evaluation
-        return results, [f"METEOR and SPICE not computed: importing aac-metrics failed ({type(error).__name__}: {error})"]
-    for name in ("METEOR", "SPICE"):
-        # aac-metrics >= 0.3 names them meteor/spice; older releases coco_meteor/coco_spice.
-        function = getattr(aac_functional, name.lower(), None) or getattr(aac_functional, f"coco_{name.lower()}", None)
-        if function is None:
-            notes.append(f"{name} not computed: this aac-metrics version has no {name.lower()} function")
-            continue
-        try:
-            corpus_scores, _ = function(list(candidates), [list(r) for r in references])
-            results[name] = float(corpus_scores[name.lower()])
-        except Exception as error:  # a missing jar or a JVM failure: report it, keep the other metrics
-            notes.append(f"{name} not computed: aac-metrics failed with {type(error).__name__}: {error}")
-    return results, notes
+    if tokenizer != aac.REGEX:
+        reason = aac.ptb_missing_reason()
+        if reason is None:
+            cands, refs = aac.ptb_tokenize(candidates, references)
+            return aac.PTB, cands, refs, notes
+        if tokenizer == aac.PTB:
+            raise ValueError(f"the PTB tokenizer cannot run: {reason}")
+        notes.append(f"PTB tokenizer not used: {reason}; captions were tokenised by the {aac.TOKENIZER_NAMES[aac.REGEX]}")
+    return aac.REGEX, [_joined(c) for c in candidates], [[_joined(r) for r in refs] for refs in references], notes
 
 
-def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]], external: bool = True) -> dict:
-    """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR/SPICE when available) with a 'notes' list."""
-    scores = bleu(candidates, references)
-    results: dict = {f"BLEU_{n}": s for n, s in enumerate(scores, start=1)}
-    results["ROUGE_L"] = rouge_l(candidates, references)
-    results["CIDEr-D"] = cider_d(candidates, references)
-    notes: list[str] = []
+def _joined(text: str) -> str:
+    return " ".join(tokenize_caption(text))
+
+
+def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]], external: bool = True,
+                    scorer: str = "auto", tokenizer: str = "auto") -> dict:
+    """BLEU-1..4, ROUGE-L, CIDEr-D (and METEOR/SPICE when available), with "tokenizer" (ptb | regex),
+    "scorer" (which implementation) and "notes" (why anything was not computed or fell back).
+
+    tokenizer: auto = PTB where aac-metrics, Java and its jar are present, else the built-in regex.
+    scorer: auto = aac-metrics when installed, else the built-in implementations."""
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+    check_corpus(candidates, references)
+    used_tokenizer, cands, refs, notes = tokenize_corpus(candidates, references, tokenizer)
+    results: dict = builtin_scores(cands, refs, tokenizer=str.split)
+    use_aac = scorer == "aac-metrics" or (scorer == "auto" and aac.installed())
+    if use_aac:
+        if not aac.installed():
+            raise ImportError("scorer 'aac-metrics' needs the aac-metrics package (pip install aac-metrics)")
+        results, fallbacks = aac.scores(cands, refs, results)
+        notes += fallbacks
+        used_scorer = f"aac-metrics {aac.version()}"
+    else:
+        used_scorer = "collat built-in"
+        if scorer == "auto":
+            notes.append("BLEU/ROUGE-L/CIDEr-D from collat's built-in code (aac-metrics is not installed; on the "
+                         "same tokens both give the same scores)")
     if external:
-        extra, notes = external_metrics(candidates, references)
+        extra, extra_notes = external_metrics(cands, refs)
         results.update(extra)
+        notes += extra_notes
     else:
         results.update({"METEOR": None, "SPICE": None})
         notes.append("METEOR and SPICE not computed: disabled by the caller")
-    results["notes"] = notes
+    results.update(tokenizer=used_tokenizer, scorer=used_scorer, notes=notes)
     return results

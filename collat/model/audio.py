@@ -130,13 +130,25 @@ class ASTEncoder(nn.Module):
         checkpoint: str | None = None,
         num_mel_bins: int = NUM_MEL_BINS,
         patch_stride: int = STRIDE,
+        architecture: dict | None = None,
     ):
+        """The AST is the `size` preset, the local `checkpoint` folder, or, with `architecture` (what
+        `architecture()` returned), rebuilt from its recorded config with random weights (the caller loads
+        the weights; `checkpoint` is not read)."""
         super().__init__()
         from transformers import ASTConfig, ASTModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        if checkpoint is not None:
+        if architecture is not None:
+            if architecture.get("type") != "ast":
+                raise ValueError(f"the audio encoder needs an 'ast' architecture, got {architecture.get('type')!r}")
+            config = ASTConfig.from_dict(architecture["ast_config"])
+            if config.max_length != target_frames:
+                raise ValueError(f"the saved AST takes {config.max_length} fbank frames, the config asks for {target_frames}")
+            with torch.random.fork_rng(devices=[]):  # random weights, overwritten by the caller
+                self.ast = ASTModel._from_config(config, attn_implementation="sdpa")
+        elif checkpoint is not None:
             if not os.path.isdir(checkpoint):
                 raise FileNotFoundError(f"AST checkpoint directory not found: {checkpoint}")
             self.ast = ASTModel.from_pretrained(checkpoint, local_files_only=True, attn_implementation="sdpa")
@@ -163,6 +175,12 @@ class ASTEncoder(nn.Module):
             * ((target_frames - config.patch_size) // config.time_stride + 1)
         )
         self.proj = nn.Linear(self.ast.config.hidden_size, out_dim)
+
+    def architecture(self) -> dict:
+        """The AST's transformers config (positions fitted to the clip length), without the path it came from."""
+        values = self.ast.config.to_dict()
+        values.pop("_name_or_path", None)
+        return {"type": "ast", "ast_config": values}
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
         hidden = self.ast(input_values=fbank).last_hidden_state

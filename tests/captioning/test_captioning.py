@@ -7,7 +7,7 @@ import torch
 
 from collat import captioning
 from collat.captioning import CaptionerConfig, CaptionTraining, Vocabulary
-from collat.captioning import metrics as caption_metrics_module
+from collat.captioning import aac as aac_module
 from collat.captioning.__main__ import main as captioning_main
 
 CAT = "the cat sat on the mat"
@@ -107,15 +107,15 @@ def test_caption_metrics_reports_why_meteor_and_spice_are_missing():
         if result[name] is None:
             assert any(name in note for note in result["notes"])
     off = captioning.caption_metrics([CAT], [CAT_REFS], external=False)
-    assert off["METEOR"] is None and "disabled" in off["notes"][0]
+    assert off["METEOR"] is None and any("METEOR and SPICE not computed: disabled" in n for n in off["notes"])
 
 
 def test_external_metrics_say_what_is_missing(monkeypatch):
-    monkeypatch.setattr(caption_metrics_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(aac_module.shutil, "which", lambda name: None)
     scores, notes = captioning.external_metrics([CAT], [CAT_REFS])
     assert scores == {"METEOR": None, "SPICE": None} and "Java is not installed" in notes[0]
-    monkeypatch.setattr(caption_metrics_module.shutil, "which", lambda name: "/usr/bin/java")
-    monkeypatch.setattr(caption_metrics_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(aac_module.shutil, "which", lambda name: "/usr/bin/java")
+    monkeypatch.setattr(aac_module, "installed", lambda: False)
     scores, notes = captioning.external_metrics([CAT], [CAT_REFS])
     assert scores == {"METEOR": None, "SPICE": None} and "aac-metrics package is not installed" in notes[0]
 
@@ -228,7 +228,10 @@ def test_cli_trains_and_scores_a_captioner(model_dir, tmp_path, capsys):
         assert {"BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr-D", "METEOR", "SPICE", "notes"} <= set(results[decoding])
     decoder, vocab, meta = captioning.load_captioner(saved)
     assert meta["features"] == "conditioning" and "noise" in vocab.index
-    assert "| greedy |" in capsys.readouterr().out
+    assert results["tokenizer"] == aac_module.TOKENIZER_NAMES[results["greedy"]["tokenizer"]]
+    assert results["scorer"] == results["greedy"]["scorer"]
+    out = capsys.readouterr().out
+    assert "| greedy |" in out and f"tokenizer: {results['tokenizer']}" in out and f"scores: {results['scorer']}" in out
 
 
 def test_cli_errors(model_dir, tmp_path, capsys):

@@ -178,7 +178,7 @@ def test_patch_count():
 
 def test_save_and_load_round_trip(model, waves, tmp_path):
     model.save_pretrained(str(tmp_path / "ckpt"))
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["README.md", "config.json", "model.safetensors", "tokenizer"]
     loaded = CoLLAT.from_pretrained(str(tmp_path / "ckpt"))
     assert loaded.config == model.config
     for k, v in model.state_dict().items():
