@@ -9,7 +9,7 @@ import sys
 
 import torch.distributed as dist
 
-from collat.config import CoLLATConfig, TrainConfig, load_preset, preset_names, read_config_file
+from collat.config import ConfigError, CoLLATConfig, TrainConfig, load_preset, preset_names, read_config_file
 
 DESCRIPTION = """Train CoLLAT: a locked text encoder learns to understand audio through an AST audio encoder
 and a token interaction module (token loss after greedy matching, contrastive loss, noise-robustness
@@ -21,8 +21,8 @@ and sound effects, 1-3 mixed per clip, rendered on the fly; nothing is downloade
 EPILOG = """run folder (--out): checkpoint/ (replaced atomically; Ctrl-C or SIGTERM finishes the step, saves one and
 stops; --resume continues bit-exactly on CPU), log.jsonl (one line per step), losses.png, results.json.
 
-config files (--config FILE): {"model": {CoLLATConfig fields}, "train": {TrainConfig fields}}, applied
-over the preset; options given on the command line win. Presets: collat/configs/*.json.
+config files (--config FILE.json / FILE.yaml): {"model": {CoLLATConfig fields}, "train": {TrainConfig
+fields}}, applied over the preset; options given on the command line win. Presets: collat/configs/*.json.
 
 several GPUs or machines: torchrun --nproc_per_node=K -m collat.train ... (DistributedDataParallel; the
 contrastive loss gathers features across ranks as open_clip does; a checkpoint resumes under any K)."""
@@ -41,7 +41,8 @@ def build_parser(preset: tuple[CoLLATConfig, TrainConfig]) -> argparse.ArgumentP
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=preset_names(), default="cpu",
                         help="starting values: cpu (the default run) or paper (the paper's sizes, for a GPU)")
-    parser.add_argument("--config", help="JSON file of model and train values applied over the preset")
+    parser.add_argument("--config", help="JSON or YAML file of model and train values applied over the preset "
+                                          "(see below)")
     for flag, (name, value) in SHORTHANDS.items():
         parser.add_argument(flag, dest=name, action="store_const", const=value, help=f"same as --{name} {value}")
     defaults = {**dataclasses.asdict(preset[0]), **dataclasses.asdict(preset[1])}
@@ -69,10 +70,25 @@ def parse_args(argv=None) -> tuple[CoLLATConfig, TrainConfig]:
             payload = read_config_file(config_path)
             model_values.update(payload.get("model", {}))
             train_values.update(payload.get("train", {}))
+            _validate(model_values, train_values, lambda section, field: f"config file {config_path}: {section}.{field}")
         _apply_options(args, model_values, train_values)
-        return CoLLATConfig.from_dict(model_values), TrainConfig.from_dict(train_values)
+        return _validate(model_values, train_values, lambda section, field: f"argument --{field.replace('_', '-')}:"
+                         if field in args else field)
     except (FileNotFoundError, TypeError, ValueError) as error:
         parser.error(str(error))
+
+
+def _validate(model_values: dict, train_values: dict, where) -> tuple[CoLLATConfig, TrainConfig]:
+    """Both configs, checked; an error names its field as `where(section, field)` says (a flag, a file)."""
+    configs = []
+    for section, cls, values in (("model", CoLLATConfig, model_values), ("train", TrainConfig, train_values)):
+        config = cls.from_dict(values)
+        try:
+            config.validate()
+        except ConfigError as error:
+            raise ValueError(f"{where(section, error.field)} {error.detail}") from None
+        configs.append(config)
+    return configs[0], configs[1]
 
 
 def _apply_options(given: dict, model_values: dict, train_values: dict) -> None:
