@@ -84,7 +84,8 @@ def read_manifest(path, root: str | None = None) -> list[ManifestEntry]:
         raise FileNotFoundError(f"manifest not found: {path}")
     base = os.path.abspath(root if root is not None else os.path.dirname(path))
     entries = []
-    with open(path, newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a manifest saved by Excel or Notepad starts with a byte-order mark, which is not part of "path"
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         if kind == "csv":
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or "path" not in reader.fieldnames:
@@ -167,6 +168,10 @@ def class_names_of(entries: list[ManifestEntry]) -> list[str]:
     return sorted({name for entry in entries for name in entry.labels})
 
 
+class UnreadableDataError(RuntimeError):
+    """So many files of a data set cannot be read that it looks broken (each was reported on stderr)."""
+
+
 class SkipCounter:
     """Counts skipped samples across DataLoader workers (a shared int with fork; per process with spawn)."""
 
@@ -224,8 +229,8 @@ class SkippedRows:
         return {"_flags": None, "_local": self._array().copy()}
 
 
-def report_skip(error: AudioReadError, count: int) -> None:
-    print(f"collat.data: skipping unreadable audio {error.path}: {error.reason} ({count} skipped so far)",
+def report_skip(error: AudioReadError, count: int, what: str = "audio") -> None:
+    print(f"collat.data: skipping unreadable {what} {error.path}: {error.reason} ({count} skipped so far)",
           file=sys.stderr, flush=True)
 
 
@@ -343,5 +348,10 @@ class ManifestDataset(torch.utils.data.Dataset):
             except AudioReadError as error:
                 if self._skipped_rows.mark(row):
                     report_skip(error, self.skipped)
-        raise RuntimeError(f"{self.max_consecutive_skips} audio files in a row could not be read, starting at "
-                           f"{self.entries[index].path}; the data looks broken")
+        tried = min(self.max_consecutive_skips, len(self))
+        if tried == len(self):
+            raise UnreadableDataError(f"none of the {len(self)} audio files of the data set can be read ({self.skipped} "
+                               "skipped, each reported above); the data looks broken")
+        raise UnreadableDataError(f"{tried} audio files in a row could not be read, starting at "
+                           f"{self.entries[index].path} ({self.skipped} of {len(self)} skipped so far); the data looks "
+                           "broken")

@@ -53,7 +53,7 @@ def _require(path: str, dataset: str) -> str:
 
 
 def _read_csv(path: str, required: list[str], dataset: str) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [column for column in required if column not in (reader.fieldnames or [])]
         if missing:
@@ -116,7 +116,7 @@ def read_audioset_labels(path: str) -> dict[str, str]:
 def read_audioset_segments(path: str) -> list[tuple[str, str, str, list[str]]]:
     """(YTID, start text, end text, [mids]) per row of a segment CSV; `#` lines are comments."""
     segments = []
-    with open(_require(path, "AudioSet"), newline="", encoding="utf-8") as handle:
+    with open(_require(path, "AudioSet"), newline="", encoding="utf-8-sig") as handle:
         lines = (line for line in handle if line.strip() and not line.lstrip().startswith("#"))
         for number, row in enumerate(csv.reader(lines, skipinitialspace=True), start=1):
             if len(row) < 4:

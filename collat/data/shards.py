@@ -126,6 +126,30 @@ def _shard_sizes(urls: list[str]) -> int | None:
     return total
 
 
+def _strings(value, key: str, where: str) -> list[str]:
+    """A .json value that must be a string (one item) or a list of strings; absent/null is empty."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v for v in value if v.strip()]
+    raise AudioReadError(where, f"malformed .json: {key!r} must be a string or a list of strings, got {value!r:.80}")
+
+
+def sample_text_and_labels(raw: bytes, where: str) -> tuple[list[str], list[str]]:
+    """(captions, labels) of a sample's .json: LAION-CLAP's {"text": ..., "tag": ...}; a string "tag" is
+    one label (not its letters). A member that is not such an object raises AudioReadError."""
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AudioReadError(where, f"unreadable .json ({error})") from None
+    if not isinstance(meta, dict):
+        raise AudioReadError(where, f"malformed .json: expected an object with 'text' and/or 'tag', got "
+                                    f"{type(meta).__name__}")
+    return _strings(meta.get("text"), "text", where), [name.strip() for name in _strings(meta.get("tag"), "tag", where)]
+
+
 class ShardDataset(torch.utils.data.IterableDataset):
     """Samples streamed from tar shards, as item dicts like SoundfontDataset's.
 
@@ -179,28 +203,26 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _on_tar_error(self, error: Exception) -> bool:
         # webdataset appends the shard's url (or its sample dict) to the exception's args.
         self._skips.add()
-        report_skip(AudioReadError("shard", f"corrupt or unreadable tar data ({error!r})"), self._skips.value)
+        report_skip(AudioReadError("shard", f"corrupt or unreadable tar data ({error!r})"), self._skips.value, "sample")
         return True
 
     def _decode(self, sample: dict) -> dict:
+        """The item of one sample; AudioReadError (skipped and counted) when a member is missing or malformed."""
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         audio_key = next((key for key in AUDIO_KEYS if key in sample), None)
         if audio_key is None or "json" not in sample:
             raise AudioReadError(where, f"sample lacks an audio member ({'/'.join(AUDIO_KEYS)}) or its .json")
-        try:
-            meta = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise AudioReadError(where, f"unreadable .json ({error})") from None
+        captions, labels = sample_text_and_labels(sample["json"], where)
+        unknown = [name for name in labels if name not in self.class_index]
+        if unknown:
+            raise AudioReadError(where, f"labels {unknown} of its .json are not in class_names")
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(sample["__key__"].encode())])
         wave = decode_audio(sample[audio_key], self.sample_rate, self.clip_seconds, self.mode, rng, self.crop,
                             name=where)
-        captions = meta.get("text") or []
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        labels = list(meta.get("tag") or [])
-        unknown = [name for name in labels if name not in self.class_index]
-        if unknown:
-            raise ValueError(f"{where}: labels {unknown} are not in class_names")
-        return make_item(wave, labels, captions, self.class_index, self.text, self.mode == "train", rng, where)
+        try:
+            return make_item(wave, labels, captions, self.class_index, self.text, self.mode == "train", rng, where)
+        except ValueError as error:  # no text for the asked text source
+            raise AudioReadError(where, str(error).removeprefix(f"{where}: ")) from None
 
     def _ordered_urls(self) -> list[str]:
         if self.mode != "train":
@@ -216,7 +238,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 yield self._decode(sample)
             except AudioReadError as error:
                 self._skips.add()
-                report_skip(error, self._skips.value)
+                report_skip(error, self._skips.value, "sample")
 
     def __iter__(self):
         if self.shuffle_buffer <= 1 or self.mode != "train":
