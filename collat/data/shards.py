@@ -65,7 +65,9 @@ def write_shards(manifest, out_dir, split: str | None = None, samples_per_shard:
             writer.close()
             os.replace(os.path.join(out_dir, shard_name + ".tmp"), os.path.join(out_dir, shard_name))
 
-    for entry in chosen:
+    from tqdm import tqdm
+
+    for entry in tqdm(chosen, desc=f"writing shards to {out_dir}", disable=None, leave=False, dynamic_ncols=True):
         try:
             wave = load_audio(entry.path, sample_rate)
         except AudioReadError as error:

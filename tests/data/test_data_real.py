@@ -271,6 +271,10 @@ def test_esc50_reader(tmp_path, capsys):
     readers.main(["esc50", str(root), str(tmp_path / "esc50.csv")])
     assert read_manifest(str(tmp_path / "esc50.csv")) == entries
     assert "wrote 5 rows" in capsys.readouterr().out
+    readers.main(["esc50", str(root), str(tmp_path / "folds.csv"), "--folds"])  # for collat.evaluate --folds
+    assert [e.split for e in read_manifest(str(tmp_path / "folds.csv"))] == [f"fold{k}" for k in range(1, 6)]
+    with pytest.raises(SystemExit):
+        readers.main(["fsd50k", str(root), str(tmp_path / "x.csv"), "--folds"])
     with pytest.raises(FileNotFoundError, match="meta/esc50.csv"):
         readers.esc50_entries(str(tmp_path))
 
