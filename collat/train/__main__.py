@@ -102,6 +102,8 @@ def _apply_options(given: dict, model_values: dict, train_values: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from collat.data.manifest import UnreadableDataError
+    from collat.train.checkpoint import find_checkpoint
     from collat.train.loop import NonFiniteLossError, run
 
     model_config, train_config = parse_args(argv)
@@ -110,8 +112,12 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError, UnreadableDataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full or read-only disk: what was saved before is intact
+        kept = find_checkpoint(train_config.out)
+        print(f"error: {e}; the last complete checkpoint is {kept or 'none'}", file=sys.stderr)
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -124,7 +124,7 @@ class Trainer:
 
     def _untrained_table(self) -> dict | None:
         """The untrained model's table (computed once per run folder; a resume reads it back)."""
-        if not (self.config.evaluate and self.world.is_main):
+        if not (self.config.evaluate and self.world.is_main and self.eval_sets):
             return None
         path = os.path.join(self.out, UNTRAINED_NAME)
         if os.path.isfile(path) and self.checkpoint is not None:
@@ -153,7 +153,7 @@ class Trainer:
                 print(f"{status} at step {step}; checkpoint in {os.path.join(self.out, CHECKPOINT_DIR)} "
                       "(continue with --resume)")
             return result
-        if self.config.evaluate and self.world.is_main:
+        if self.config.evaluate and self.world.is_main and self.eval_sets:
             self._final_table(untrained, result)
         if self.world.size > 1:
             dist.barrier()  # rank 0's evaluation and files are done before any rank leaves the group
