@@ -76,6 +76,39 @@ def _as_list(value, what: str, where: str) -> list[str]:
     raise ValueError(f"{where}: {what} must be a string or a list of strings, got {value!r}")
 
 
+def _csv_rows(handle, path: str) -> list[ManifestEntry]:
+    reader = csv.DictReader(handle)
+    if reader.fieldnames is None or "path" not in reader.fieldnames:
+        raise ValueError(f"{path}: a CSV manifest needs a header with a 'path' column, got {reader.fieldnames}")
+    entries = []
+    for line, row in enumerate(reader, start=2):
+        where = f"{path} line {line}"
+        if not (row.get("path") or "").strip():
+            raise ValueError(f"{where}: empty 'path'")
+        labels = [name.strip() for name in (row.get("labels") or "").split(LABEL_SEPARATOR) if name.strip()]
+        entries.append(ManifestEntry(row["path"].strip(), labels, _as_list(row.get("caption") or None, "caption", where),
+                                     (row.get("split") or "").strip()))
+    return entries
+
+
+def _jsonl_rows(handle, path: str) -> list[ManifestEntry]:
+    entries = []
+    for line, text in enumerate(handle, start=1):
+        if not text.strip():
+            continue
+        where = f"{path} line {line}"
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"]:
+            raise ValueError(f"{where}: each line must be an object with a non-empty string 'path'")
+        captions = _as_list(row.get("captions"), "captions", where) + _as_list(row.get("caption"), "caption", where)
+        entries.append(ManifestEntry(row["path"], _as_list(row.get("labels"), "labels", where), captions,
+                                     str(row.get("split") or "")))
+    return entries
+
+
 def read_manifest(path, root: str | None = None) -> list[ManifestEntry]:
     """Entries of a .csv or .jsonl manifest, with paths made absolute (against `root` or the file's folder)."""
     path = os.fspath(path)
@@ -83,37 +116,17 @@ def read_manifest(path, root: str | None = None) -> list[ManifestEntry]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"manifest not found: {path}")
     base = os.path.abspath(root if root is not None else os.path.dirname(path))
-    entries = []
-    # utf-8-sig: a manifest saved by Excel or Notepad starts with a byte-order mark, which is not part of "path"
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        if kind == "csv":
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or "path" not in reader.fieldnames:
-                raise ValueError(f"{path}: a CSV manifest needs a header with a 'path' column, got {reader.fieldnames}")
-            for line, row in enumerate(reader, start=2):
-                where = f"{path} line {line}"
-                if not (row.get("path") or "").strip():
-                    raise ValueError(f"{where}: empty 'path'")
-                labels = [name.strip() for name in (row.get("labels") or "").split(LABEL_SEPARATOR) if name.strip()]
-                entries.append(ManifestEntry(row["path"].strip(), labels, _as_list(row.get("caption") or None,
-                                                                                   "caption", where),
-                                             (row.get("split") or "").strip()))
-        else:
-            for line, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue
-                where = f"{path} line {line}"
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not valid JSON ({error})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"]:
-                    raise ValueError(f"{where}: each line must be an object with a non-empty string 'path'")
-                captions = _as_list(row.get("captions"), "captions", where) + _as_list(row.get("caption"), "caption",
-                                                                                       where)
-                entries.append(ManifestEntry(row["path"], _as_list(row.get("labels"), "labels", where), captions,
-                                             str(row.get("split") or "")))
-    for entry in entries:
+    try:
+        # utf-8-sig: a manifest saved by Excel or Notepad starts with a byte-order mark, which is not part of "path"
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            entries = _csv_rows(handle, path) if kind == "csv" else _jsonl_rows(handle, path)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a readable CSV file ({error})") from None
+    for number, entry in enumerate(entries, start=1):
+        if "\0" in entry.path:
+            raise ValueError(f"{path} line {number + (kind == 'csv')}: the path {entry.path!r} holds a NUL byte")
         entry.path = os.path.normpath(os.path.join(base, os.path.expanduser(entry.path)))
     return entries
 

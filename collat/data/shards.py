@@ -37,6 +37,7 @@ from collat.data.manifest import (
 AUDIO_KEYS = ("flac", "wav", "ogg", "mp3")
 SIZES_FILE = "sizes.json"
 CLASSES_FILE = "classes.json"
+SIZES_WHAT = "an object mapping each shard file name to its sample count"
 
 
 def write_shards(manifest, out_dir, split: str | None = None, samples_per_shard: int = 1000,
@@ -94,6 +95,21 @@ def write_shards(manifest, out_dir, split: str | None = None, samples_per_shard:
     return {"sizes": sizes, "samples": written, "skipped": skipped, "class_names": class_names}
 
 
+def read_folder_json(path: str, kind: type, what: str):
+    """sizes.json ({shard: count}) or classes.json ([names]) beside the shards, checked."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error})") from None
+    valid = isinstance(value, kind) and (
+        all(isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for k, n in value.items())
+        if kind is dict else all(isinstance(name, str) for name in value))
+    if not valid:
+        raise ValueError(f"{path} must hold {what}, got {json.dumps(value)[:80]}")
+    return value
+
+
 def shard_urls(source) -> list[str]:
     """Tar paths from a shard folder (its sizes.json, else every .tar), a brace pattern, or a list."""
     if isinstance(source, (list, tuple)):
@@ -102,8 +118,7 @@ def shard_urls(source) -> list[str]:
     if os.path.isdir(source):
         sizes_path = os.path.join(source, SIZES_FILE)
         if os.path.isfile(sizes_path):
-            with open(sizes_path) as handle:
-                return [os.path.join(source, name) for name in json.load(handle)]
+            return [os.path.join(source, name) for name in read_folder_json(sizes_path, dict, SIZES_WHAT)]
         urls = sorted(os.path.join(source, name) for name in os.listdir(source) if name.endswith(".tar"))
         if not urls:
             raise FileNotFoundError(f"no .tar shards in {source}")
@@ -120,8 +135,7 @@ def _shard_sizes(urls: list[str]) -> int | None:
             path = os.path.join(folder, SIZES_FILE)
             cache[folder] = {}
             if os.path.isfile(path):
-                with open(path) as handle:
-                    cache[folder] = json.load(handle)
+                cache[folder] = read_folder_json(path, dict, SIZES_WHAT)
         if name not in cache[folder]:
             return None
         total += cache[folder][name]
@@ -180,8 +194,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             classes_path = os.path.join(folder, CLASSES_FILE)
             if not os.path.isfile(classes_path):
                 raise ValueError(f"class_names not given and no {CLASSES_FILE} beside the shards in {folder!r}")
-            with open(classes_path) as handle:
-                class_names = json.load(handle)
+            class_names = read_folder_json(classes_path, list, "a list of class names")
         self.class_names = list(class_names)
         self.class_index = {name: k for k, name in enumerate(self.class_names)}
         self.sample_rate = sample_rate

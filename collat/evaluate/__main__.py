@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     try:
         if args.quick:
             args.test_size, args.train_size, args.probe_epochs = 48, 96, 30
+        if not args.tasks:
+            raise ValueError(f"--tasks names no task; give a comma list of {','.join(TASKS)}")
         if args.folds and not (args.manifest or args.esc50):
             raise ValueError("--folds needs a --manifest (its splits are the folds) or --esc50 ROOT")
         probes = {"decoder": ("decoder",), "logreg": ("logreg",), "both": PROBES, "none": ()}[args.probe]

@@ -166,7 +166,13 @@ def load_checkpoint(path: str, model, optimizer, scheduler, world: World | None 
 
     world = world or World()
     train_config = train_config or TrainConfig()
-    saved_config = model.read_config(path)
+    config_path = os.path.join(path, CONFIG_NAME)
+    try:
+        saved_config = model.read_config(path)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # corrupt JSON, not a CoLLAT config
+        message = str(error)
+        raise TrainerStateError(message if path in message else f"{config_path}: {type(error).__name__}: {message}") \
+            from None
     if dataclasses.asdict(saved_config) | {"fused": None} != dataclasses.asdict(model.config) | {"fused": None}:
         raise ValueError(f"checkpoint {path} was written with another model config; resume with the same options")
     state = read_trainer_state(path)
