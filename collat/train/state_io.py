@@ -136,7 +136,7 @@ def read_legacy_state(path: str) -> dict:
     """An older collat's pickled trainer_state.pt, read with torch.load(weights_only=True): tensors,
     plain containers and NumPy arrays (the RNG key) only; anything else is refused, never run."""
     numpy_globals = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType, np.dtypes.Int64DType]
-    reconstruct = getattr(getattr(np, "_core", np.core).multiarray, "_reconstruct")
+    reconstruct = getattr(np, "_core", np.core).multiarray._reconstruct
     try:
         with torch.serialization.safe_globals([reconstruct, *numpy_globals]):
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -16,7 +16,13 @@ from torch import nn
 
 from collat.config import CoLLATConfig, TrainConfig
 from collat.model.pretrained import PretrainedMixin
-from collat.train.checkpoint import CHECKPOINT_DIR, checkpoint_folders, find_checkpoint, load_checkpoint, save_checkpoint
+from collat.train.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_folders,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from collat.train.optim import build_optimizer
 from collat.train.state_io import (
     LEGACY_STATE,
@@ -137,7 +143,8 @@ def test_two_crashes_in_a_row_never_lose_the_newest_checkpoint(tmp_path, monkeyp
         resumed, optimizer2, scheduler2 = trainer(seed=2)
         load_checkpoint(find_checkpoint(first), resumed, optimizer2, scheduler2, train_config=TrainConfig())
         seconds = crash_states(monkeypatch, first, tmp_path / f"second-{k}",
-                               lambda: save_checkpoint(first, resumed, optimizer2, scheduler2, step + 2, TrainConfig()))
+                               lambda f=first, m=resumed, o=optimizer2, s=scheduler2, n=step + 2:
+                               save_checkpoint(f, m, o, s, n, TrainConfig()))
         for second in seconds:
             again, _ = step_found(second)
             assert again >= step, (first, second, step, again)
