@@ -8,6 +8,8 @@ whole manifest, so shards of every split share one label index.
 
     write_shards("manifest.csv", "shards/train", split="train")   # or: python -m collat.data.shards ...
     data = ShardDataset("shards/train", mode="train")     # split by node (torchrun rank) and worker
+    # the shards are named shard-000000.tar, shard-000001.tar, ...: the folder (its sizes.json lists
+    # them) or the brace pattern "shards/train/shard-{000000..000999}.tar" name the same files
     loader = torch.utils.data.DataLoader(data, batch_size=32, collate_fn=collate, num_workers=4)
 
 Audio is resampled once, at conversion; decoding a shard sample then only crops or pads it.

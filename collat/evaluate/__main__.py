@@ -17,7 +17,7 @@ from collat.evaluate.cli_support import (
 )
 from collat.evaluate.features import NOISE_DOMAINS
 from collat.evaluate.probes import ProbeTraining
-from collat.evaluate.sets import ClipSet, embedded_sets, fold_sets, manifest_sets
+from collat.evaluate.sets import ClipSet, embedded_sets, fold_sets, manifest_sets, progress
 from collat.evaluate.tasks import PROBES, TASKS, EvalOptions, format_table, run_evaluation
 from collat.fileio import atomic_write_text, check_writable
 
@@ -152,7 +152,10 @@ def main(argv=None) -> int:
         model = load_model_checked(args.model, resolve_device(args.device))
         sets, cross_validation = build_sets(args, options, model.config.clip_seconds)
         log = (lambda message: print(message, file=sys.stderr)) if args.json else print
-        results = run_evaluation(model, sets, options, log)
+        results = None
+        for clip_set in progress(sets, "evaluating"):  # one set at a time, for the progress bar
+            part = run_evaluation(model, [clip_set], options, log)
+            results = part if results is None else {**results, "sets": {**results["sets"], **part["sets"]}}
         for name, folds in cross_validation.items():
             fold_means(results, name, folds)
         results["model"] = os.path.abspath(args.model)
