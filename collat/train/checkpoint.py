@@ -144,7 +144,9 @@ def resume_changes(saved: dict, current: TrainConfig, path: str) -> list[str]:
         return [(name, saved[name], getattr(current, name)) for name in names
                 if name in saved and saved[name] != getattr(current, name)]
 
-    refused = changed(RESUME_MUST_MATCH)
+    irrelevant = {"train_size"} if current.train_manifest or current.train_shards else set()  # embedded data only
+    irrelevant |= set() if current.train_shards else {"shuffle_buffer"}  # shard streams only
+    refused = changed([name for name in RESUME_MUST_MATCH if name not in irrelevant])
     if refused:
         listed = ", ".join(f"--{name.replace('_', '-')} {old!r} -> {new!r}" for name, old, new in refused)
         raise ValueError(f"cannot resume {path}: {listed} changed since the checkpoint was written, and the batch "
