@@ -19,7 +19,11 @@ With no options: the CPU preset on the embedded soundfont data (clips of 30 Gene
 and sound effects, 1-3 mixed per clip, rendered on the fly; nothing is downloaded), about 10 minutes on
 2 cores. --preset paper selects the paper's sizes for a GPU (AST-base, CLIP ViT-B-32 text tower)."""
 EPILOG = """run folder (--out): checkpoint/ (replaced atomically; Ctrl-C or SIGTERM finishes the step, saves one and
-stops; --resume continues bit-exactly on CPU), log.jsonl (one line per step), losses.png, results.json.
+stops; --resume continues bit-exactly on CPU from the newest complete checkpoint, wherever a crash left it;
+a changed --lr, --weight-decay, --warmup-steps or --steps applies from the resumed step, a changed batch
+size or seed is refused), log.jsonl (one line per step, written every --log-every steps; evaluations of
+--eval-every too; never deleted: a fresh start keeps the old one as log.jsonl.N), tensorboard/ (with
+--report-to tensorboard), losses.png, results.json.
 
 config files (--config FILE.json / FILE.yaml): {"model": {CoLLATConfig fields}, "train": {TrainConfig
 fields}}, applied over the preset; options given on the command line win. Presets: collat/configs/*.json.
