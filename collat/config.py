@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -20,6 +22,76 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 AUDIOSET_MEAN = -4.2677393
 AUDIOSET_STD = 4.5689974
 WINDOW_TYPES = ("hamming", "hanning", "povey", "rectangular", "blackman")
+MAX_CLIP_SECONDS = 60.0  # AST tokens grow with the clip; longer audio is averaged over windows at inference
+MAX_TARGET_FRAMES = 6000  # 60 s of fbank frames
+CONFIG_EXTENSIONS = (".json", ".yaml", ".yml")
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range; `field` names it, so a caller can say
+    where the value came from (a flag, a config file)."""
+
+    def __init__(self, name: str, detail: str):
+        self.field, self.detail = name, detail
+        super().__init__(f"{name} {detail}")
+
+
+def _describe(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _matches(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_matches(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # an int is a fine float (JSON writes 1e-3 as a float but 1.0 may come back as 1)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin is typing.Union:
+        return " or ".join(_type_name(arm) for arm in typing.get_args(hint))
+    return "null" if hint is type(None) else {int: "an int", float: "a number", bool: "true or false",
+                                               str: "a string"}.get(hint, str(hint))
+
+
+def check_field_types(config) -> None:
+    """Every field of a config dataclass holds a value of its annotated type (config files and
+    Python callers bypass argparse's conversions). Literal choices are left to each validate(),
+    which words them for the field."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            continue
+        if not _matches(value, hint):
+            raise ConfigError(f.name, f"must be {_type_name(hints[f.name])}, got {_describe(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f.name, f"must be a finite number, got {value}")
+
+
+def _choices(config, name: str) -> tuple:
+    """The values a Literal field allows (the annotation is the one definition)."""
+    return typing.get_args(typing.get_type_hints(type(config))[name])
+
+
+def _require(condition: bool, name: str, rule: str, value) -> None:
+    if not condition:
+        raise ConfigError(name, f"must be {rule}, got {value!r}")
 
 
 def _field(default, help: str, **metadata):
@@ -68,18 +140,32 @@ class CoLLATConfig:
                                     "--gather-with-grad; the gradient then equals the one-process gradient)")
 
     def validate(self) -> None:
+        """Types and ranges of every field, checked before anything is built from them."""
+        check_field_types(self)
         if self.matching not in MATCHINGS:
-            raise ValueError(f"matching must be one of {MATCHINGS}, got {self.matching!r}")
+            raise ConfigError("matching", f"must be one of {MATCHINGS}, got {self.matching!r}")
         if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
-        if not 0.0 <= self.noisy_fraction <= 1.0:
-            raise ValueError(f"noisy_fraction must be in [0, 1], got {self.noisy_fraction}")
-        if not 1 <= self.patch_stride <= 16:
-            raise ValueError(f"patch_stride must be in [1, 16] (patches are 16x16), got {self.patch_stride}")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-        if self.clip_seconds <= 0.2:
-            raise ValueError(f"clip_seconds must be > 0.2, got {self.clip_seconds}")
+            raise ConfigError("metric", f"must be one of {METRICS}, got {self.metric!r}")
+        sizes = _choices(self, "audio_size")
+        _require(self.audio_size in sizes, "audio_size", f"one of {sizes} (the AST audio size)", self.audio_size)
+        _require(self.window_type in WINDOW_TYPES, "window_type", f"one of {WINDOW_TYPES}", self.window_type)
+        _require(0.0 <= self.noisy_fraction <= 1.0, "noisy_fraction", "in [0, 1]", self.noisy_fraction)
+        _require(1 <= self.patch_stride <= 16, "patch_stride", "in [1, 16] (patches are 16x16)", self.patch_stride)
+        _require(self.noise_std >= 0, "noise_std", ">= 0", self.noise_std)
+        _require(0.2 < self.clip_seconds <= MAX_CLIP_SECONDS, "clip_seconds", f"> 0.2 and <= {MAX_CLIP_SECONDS:g} "
+                 "(longer audio is averaged over windows at inference)", self.clip_seconds)
+        if self.target_frames is not None:
+            _require(16 <= self.target_frames <= MAX_TARGET_FRAMES, "target_frames",
+                     f"in [16, {MAX_TARGET_FRAMES}] or null", self.target_frames)
+        if self.context_length is not None:
+            _require(2 <= self.context_length <= 512, "context_length", "in [2, 512] or null", self.context_length)
+        _require(bool(self.text_encoder.strip()), "text_encoder", "a non-empty name", self.text_encoder)
+        _require(self.interaction_depth >= 1, "interaction_depth", ">= 1", self.interaction_depth)
+        _require(self.interaction_heads >= 1, "interaction_heads", ">= 1", self.interaction_heads)
+        _require(self.interaction_mlp_ratio > 0, "interaction_mlp_ratio", "> 0", self.interaction_mlp_ratio)
+        _require(self.fbank_std > 0, "fbank_std", "> 0", self.fbank_std)
+        for name in ("lambda_ct", "lambda_cg", "lambda_ut"):
+            _require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
 
     @classmethod
     def from_dict(cls, values: dict) -> "CoLLATConfig":
@@ -120,6 +206,35 @@ class TrainConfig:
     evaluate: bool = _field(True, "evaluate the untrained and the trained model at the end")
     stop_at_step: Optional[int] = _field(None, "stop (and checkpoint) after this step, as if interrupted")
     progress: bool = _field(True, "show a progress bar")
+    # wt-train: host syncs, logging integrations, evaluation during training and on shard runs
+    log_every: int = _field(1, "read the losses and write log.jsonl every this many steps: one host sync per "
+                            "read (raise it on a GPU so steps queue without waiting; a non-finite loss still "
+                            "skips its own update at once and stops the run at the next read)")
+    report_to: Literal["none", "tensorboard"] = _field("none", "also log the losses and evaluations to "
+                                                       "TensorBoard event files in OUT/tensorboard (offline)")
+    eval_every: int = _field(0, "run the zero-shot evaluation every this many steps during training and log it "
+                             "(log.jsonl, TensorBoard); 0: only before and after training")
+    eval_manifest: Optional[str] = _field(None, "evaluate on the labelled --eval-split rows of this manifest "
+                                          "(default: the training manifest's; shard training evaluates only "
+                                          "with it)")
+
+    def validate(self) -> None:
+        """Types and ranges of every field (config files and Python callers bypass argparse)."""
+        check_field_types(self)
+        for name in ("steps", "batch_size", "save_every", "train_size", "eval_size", "eval_batch_size", "log_every"):
+            _require(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        for name in ("warmup_steps", "num_workers", "shuffle_buffer", "eval_every"):
+            _require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        for name in ("lr", "weight_decay", "eval_noise_std"):
+            _require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        _require(self.grad_clip > 0, "grad_clip", "> 0", self.grad_clip)
+        for name in ("amp", "report_to"):
+            _require(getattr(self, name) in _choices(self, name), name, f"one of {_choices(self, name)}",
+                     getattr(self, name))
+        if self.stop_at_step is not None:
+            _require(self.stop_at_step >= 1, "stop_at_step", ">= 1 or null", self.stop_at_step)
+        _require(bool(self.out.strip()), "out", "a folder name", self.out)
+        _require(bool(self.device.strip()), "device", "auto, cpu, cuda or cuda:N", self.device)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -142,19 +257,40 @@ def preset_names() -> list[str]:
 
 
 def read_config_file(path: str) -> dict:
-    """{"model": {CoLLATConfig fields}, "train": {TrainConfig fields}} from a JSON file."""
+    """{"model": {CoLLATConfig fields}, "train": {TrainConfig fields}} from a JSON or YAML file (by
+    extension; YAML through yaml.safe_load, which builds plain values only)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in CONFIG_EXTENSIONS:
+        raise ValueError(f"config file {path} must end in one of {CONFIG_EXTENSIONS}")
+    try:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: files saved by Windows editors start with a BOM
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {path} cannot be read as UTF-8 text: {error}") from None
+    if extension == ".json":
         try:
-            payload = json.load(handle)
+            payload = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"config file {path} is not valid JSON: {error}") from None
+    else:
+        import yaml
+
+        try:
+            payload = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+        payload = {} if payload is None else payload
     if not isinstance(payload, dict):
         raise ValueError(f"config file {path} must hold an object with 'model' and 'train', got {type(payload).__name__}")
     unknown = set(payload) - {"model", "train"}
     if unknown:
         raise ValueError(f"config file {path}: top-level keys must be 'model' and 'train', got {sorted(unknown)}")
+    for section in ("model", "train"):
+        if not isinstance(payload.get(section, {}), dict):
+            raise ValueError(f"config file {path}: '{section}' must be an object of field values, got "
+                             f"{_describe(payload[section])}")
     return payload
 
 

@@ -61,3 +61,15 @@ def atomic_directory(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise OSError now, before long work, when `path` could not be written later: its folder cannot
+    be made or written to, or it names a folder. (A disk that fills up meanwhile is still possible.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".check")
+    os.close(fd)
+    os.remove(tmp)

@@ -10,10 +10,11 @@ import warnings
 
 import torch
 
-from collat.data.audio_io import AudioReadError, load_audio
+from collat.data.audio_io import AudioReadError, audio_info, load_audio
 from collat.device import resolve_device
-from collat.fileio import atomic_write_text
-from collat.model import inference, load_model
+from collat.evaluate.cli_support import CheckpointError, load_model_checked, positive_float, positive_int
+from collat.fileio import atomic_write_text, check_writable
+from collat.model import inference
 from collat.prompts import make_prompt
 
 EXIT_ERROR = 1
@@ -28,7 +29,8 @@ scoring (--long-audio windows, the default, the rule of the model's Python API; 
 half a window is dropped unless it is the only one), or only the first window (crop), or refused (error).
 
 exit status: 0 when every file was scored; 1 when a file could not be (the others are still printed) or
-when the labels, the model or the options are wrong."""
+when the labels, the model or the options are wrong, or --out could not be written (after the results
+are printed)."""
 
 
 def read_labels(labels: list[str] | None, labels_file: str | None) -> list[str]:
@@ -119,15 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="candidate labels (quote multi-word labels)")
     p.add_argument("--labels-file", help="file with one label per line (added to --labels)")
     p.add_argument("--multi-label", action="store_true", help="score labels independently (cosine) instead of softmax")
-    p.add_argument("--top-k", type=int, default=5, help="labels shown per file (default 5; all if fewer)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="labels shown per file (default 5; all if fewer)")
     p.add_argument("--long-audio", choices=LONG_AUDIO, default="windows")
-    p.add_argument("--min-seconds", type=float, default=0.1)
-    p.add_argument("--max-seconds", type=float, default=600.0)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--min-seconds", type=positive_float, default=0.1)
+    p.add_argument("--max-seconds", type=positive_float, default=600.0,
+                   help="longer files are refused from their header, before any of them is decoded")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", action="store_true", help="print JSON instead of the ranking table")
     p.add_argument("--out", help="also write the JSON to this file (atomically)")
     return p
+
+
+def too_long_by_header(paths: list[str], max_seconds: float) -> list[tuple[str, str]]:
+    """(path, message) for files whose header says they exceed max_seconds: refused before decoding, so
+    memory never depends on what a header claims. Unreadable headers are left to load_clips to report."""
+    refused = []
+    for path in paths:
+        try:
+            frames, rate = audio_info(path)
+        except AudioReadError:
+            continue
+        if frames / rate > max_seconds:
+            refused.append((path, f"audio too long: {frames / rate:.1f} s, the limit is {max_seconds} s (--max-seconds)"))
+    return refused
 
 
 def main(argv=None) -> int:
@@ -139,21 +156,24 @@ def main(argv=None) -> int:
 
     try:
         labels = read_labels(args.labels, args.labels_file)
-        if args.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if not 0 < args.min_seconds <= args.max_seconds:
-            raise ValueError(f"need 0 < --min-seconds <= --max-seconds, got {args.min_seconds} and {args.max_seconds}")
-        if not os.path.exists(args.model):
-            raise FileNotFoundError(f"model checkpoint not found: {args.model}")
-        model = load_model(args.model, resolve_device(args.device))
+        if not args.min_seconds <= args.max_seconds:
+            raise ValueError(f"need --min-seconds <= --max-seconds, got {args.min_seconds} and {args.max_seconds}")
+        if args.out:
+            check_writable(args.out)
+        model = load_model_checked(args.model, resolve_device(args.device))
         check_labels_fit(model, labels)
         min_seconds = max(args.min_seconds, model.frontend.min_samples / model.frontend.sample_rate)
-        clips, errors = load_clips(args.files, model.frontend.sample_rate, model.config.clip_seconds, min_seconds,
+        refused = too_long_by_header(args.files, args.max_seconds)
+        readable = [path for path in args.files if path not in {path for path, _ in refused}]
+        clips, errors = load_clips(readable, model.frontend.sample_rate, model.config.clip_seconds, min_seconds,
                                    args.max_seconds, args.long_audio)
+        errors = refused + errors
         scores = predict(model, clips, labels, args.multi_label, args.batch_size)
-    except (FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError) as error:
+    except OSError as error:
+        if isinstance(error, FileNotFoundError):
+            return fail(str(error))
+        return fail(f"--out {args.out} cannot be written ({error})" if args.out else str(error))
+    except (CheckpointError, ValueError, TypeError, ImportError, RuntimeError) as error:
         return fail(str(error))
 
     top_k = min(args.top_k, len(labels))
@@ -170,11 +190,6 @@ def main(argv=None) -> int:
         ],
         "errors": [{"file": path, "error": message} for path, message in errors],
     }
-    if args.out:
-        try:
-            atomic_write_text(args.out, json.dumps(payload, indent=2))
-        except OSError as error:
-            return fail(f"cannot write --out {args.out}: {error}")
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
@@ -182,6 +197,11 @@ def main(argv=None) -> int:
                           for (path, _, _, windows), s in zip(clips, scores)))
     for path, message in errors:
         print(f"collat.predict: error: {path}: {message}", file=sys.stderr)
+    if args.out:
+        try:
+            atomic_write_text(args.out, json.dumps(payload, indent=2))
+        except OSError as error:
+            return fail(f"the results above could not be written to --out {args.out}: {error}")
     return EXIT_ERROR if errors else 0
 
 

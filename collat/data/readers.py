@@ -53,7 +53,7 @@ def _require(path: str, dataset: str) -> str:
 
 
 def _read_csv(path: str, required: list[str], dataset: str) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [column for column in required if column not in (reader.fieldnames or [])]
         if missing:
@@ -116,7 +116,7 @@ def read_audioset_labels(path: str) -> dict[str, str]:
 def read_audioset_segments(path: str) -> list[tuple[str, str, str, list[str]]]:
     """(YTID, start text, end text, [mids]) per row of a segment CSV; `#` lines are comments."""
     segments = []
-    with open(_require(path, "AudioSet"), newline="", encoding="utf-8") as handle:
+    with open(_require(path, "AudioSet"), newline="", encoding="utf-8-sig") as handle:
         lines = (line for line in handle if line.strip() and not line.lstrip().startswith("#"))
         for number, row in enumerate(csv.reader(lines, skipinitialspace=True), start=1):
             if len(row) < 4:
@@ -190,6 +190,7 @@ def audioset_entries(root, clips_dir: str | None = None, segment_splits: dict[st
     return entries
 
 
+FOLDED = {"esc50": ESC50_FOLD_SPLITS, "urbansound8k": URBANSOUND8K_FOLD_SPLITS}  # the folds each data set has
 READERS = {"esc50": esc50_entries, "urbansound8k": urbansound8k_entries, "fsd50k": fsd50k_entries,
            "audioset": audioset_entries}
 
@@ -201,13 +202,18 @@ def main(argv=None):
     parser.add_argument("output", help="manifest to write (.csv or .jsonl)")
     parser.add_argument("--clips", help="AudioSet: the folder of clips (default: root)")
     parser.add_argument("--absolute", action="store_true", help="store absolute paths (default: relative)")
+    parser.add_argument("--folds", action="store_true", help="esc50 / urbansound8k: one split per fold (fold1, "
+                                                             "fold2, ...) for cross-validation (collat.evaluate --folds)")
     args = parser.parse_args(argv)
+    if args.folds and args.dataset not in FOLDED:
+        parser.error(f"--folds applies to {' and '.join(FOLDED)} only")
     if args.dataset == "audioset":
         entries = audioset_entries(args.root, clips_dir=args.clips)
     else:
         if args.clips:
             parser.error("--clips applies to audioset only")
-        entries = READERS[args.dataset](args.root)
+        folds = {fold: f"fold{fold}" for fold in FOLDED[args.dataset]} if args.folds else None
+        entries = READERS[args.dataset](args.root, folds) if folds else READERS[args.dataset](args.root)
     write_manifest(entries, args.output, relative=not args.absolute)
     splits = {}
     for entry in entries:

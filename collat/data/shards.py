@@ -8,6 +8,8 @@ whole manifest, so shards of every split share one label index.
 
     write_shards("manifest.csv", "shards/train", split="train")   # or: python -m collat.data.shards ...
     data = ShardDataset("shards/train", mode="train")     # split by node (torchrun rank) and worker
+    # the shards are named shard-000000.tar, shard-000001.tar, ...: the folder (its sizes.json lists
+    # them) or the brace pattern "shards/train/shard-{000000..000999}.tar" name the same files
     loader = torch.utils.data.DataLoader(data, batch_size=32, collate_fn=collate, num_workers=4)
 
 Audio is resampled once, at conversion; decoding a shard sample then only crops or pads it.
@@ -37,6 +39,7 @@ from collat.data.manifest import (
 AUDIO_KEYS = ("flac", "wav", "ogg", "mp3")
 SIZES_FILE = "sizes.json"
 CLASSES_FILE = "classes.json"
+SIZES_WHAT = "an object mapping each shard file name to its sample count"
 
 
 def write_shards(manifest, out_dir, split: str | None = None, samples_per_shard: int = 1000,
@@ -65,7 +68,9 @@ def write_shards(manifest, out_dir, split: str | None = None, samples_per_shard:
             writer.close()
             os.replace(os.path.join(out_dir, shard_name + ".tmp"), os.path.join(out_dir, shard_name))
 
-    for entry in chosen:
+    from tqdm import tqdm
+
+    for entry in tqdm(chosen, desc=f"writing shards to {out_dir}", disable=None, leave=False, dynamic_ncols=True):
         try:
             wave = load_audio(entry.path, sample_rate)
         except AudioReadError as error:
@@ -92,6 +97,21 @@ def write_shards(manifest, out_dir, split: str | None = None, samples_per_shard:
     return {"sizes": sizes, "samples": written, "skipped": skipped, "class_names": class_names}
 
 
+def read_folder_json(path: str, kind: type, what: str):
+    """sizes.json ({shard: count}) or classes.json ([names]) beside the shards, checked."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error})") from None
+    valid = isinstance(value, kind) and (
+        all(isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0 for k, n in value.items())
+        if kind is dict else all(isinstance(name, str) for name in value))
+    if not valid:
+        raise ValueError(f"{path} must hold {what}, got {json.dumps(value)[:80]}")
+    return value
+
+
 def shard_urls(source) -> list[str]:
     """Tar paths from a shard folder (its sizes.json, else every .tar), a brace pattern, or a list."""
     if isinstance(source, (list, tuple)):
@@ -100,8 +120,7 @@ def shard_urls(source) -> list[str]:
     if os.path.isdir(source):
         sizes_path = os.path.join(source, SIZES_FILE)
         if os.path.isfile(sizes_path):
-            with open(sizes_path) as handle:
-                return [os.path.join(source, name) for name in json.load(handle)]
+            return [os.path.join(source, name) for name in read_folder_json(sizes_path, dict, SIZES_WHAT)]
         urls = sorted(os.path.join(source, name) for name in os.listdir(source) if name.endswith(".tar"))
         if not urls:
             raise FileNotFoundError(f"no .tar shards in {source}")
@@ -118,12 +137,35 @@ def _shard_sizes(urls: list[str]) -> int | None:
             path = os.path.join(folder, SIZES_FILE)
             cache[folder] = {}
             if os.path.isfile(path):
-                with open(path) as handle:
-                    cache[folder] = json.load(handle)
+                cache[folder] = read_folder_json(path, dict, SIZES_WHAT)
         if name not in cache[folder]:
             return None
         total += cache[folder][name]
     return total
+
+
+def _strings(value, key: str, where: str) -> list[str]:
+    """A .json value that must be a string (one item) or a list of strings; absent/null is empty."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v for v in value if v.strip()]
+    raise AudioReadError(where, f"malformed .json: {key!r} must be a string or a list of strings, got {value!r:.80}")
+
+
+def sample_text_and_labels(raw: bytes, where: str) -> tuple[list[str], list[str]]:
+    """(captions, labels) of a sample's .json: LAION-CLAP's {"text": ..., "tag": ...}; a string "tag" is
+    one label (not its letters). A member that is not such an object raises AudioReadError."""
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AudioReadError(where, f"unreadable .json ({error})") from None
+    if not isinstance(meta, dict):
+        raise AudioReadError(where, f"malformed .json: expected an object with 'text' and/or 'tag', got "
+                                    f"{type(meta).__name__}")
+    return _strings(meta.get("text"), "text", where), [name.strip() for name in _strings(meta.get("tag"), "tag", where)]
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -154,8 +196,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             classes_path = os.path.join(folder, CLASSES_FILE)
             if not os.path.isfile(classes_path):
                 raise ValueError(f"class_names not given and no {CLASSES_FILE} beside the shards in {folder!r}")
-            with open(classes_path) as handle:
-                class_names = json.load(handle)
+            class_names = read_folder_json(classes_path, list, "a list of class names")
         self.class_names = list(class_names)
         self.class_index = {name: k for k, name in enumerate(self.class_names)}
         self.sample_rate = sample_rate
@@ -179,28 +220,26 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _on_tar_error(self, error: Exception) -> bool:
         # webdataset appends the shard's url (or its sample dict) to the exception's args.
         self._skips.add()
-        report_skip(AudioReadError("shard", f"corrupt or unreadable tar data ({error!r})"), self._skips.value)
+        report_skip(AudioReadError("shard", f"corrupt or unreadable tar data ({error!r})"), self._skips.value, "sample")
         return True
 
     def _decode(self, sample: dict) -> dict:
+        """The item of one sample; AudioReadError (skipped and counted) when a member is missing or malformed."""
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         audio_key = next((key for key in AUDIO_KEYS if key in sample), None)
         if audio_key is None or "json" not in sample:
             raise AudioReadError(where, f"sample lacks an audio member ({'/'.join(AUDIO_KEYS)}) or its .json")
-        try:
-            meta = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise AudioReadError(where, f"unreadable .json ({error})") from None
+        captions, labels = sample_text_and_labels(sample["json"], where)
+        unknown = [name for name in labels if name not in self.class_index]
+        if unknown:
+            raise AudioReadError(where, f"labels {unknown} of its .json are not in class_names")
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(sample["__key__"].encode())])
         wave = decode_audio(sample[audio_key], self.sample_rate, self.clip_seconds, self.mode, rng, self.crop,
                             name=where)
-        captions = meta.get("text") or []
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        labels = list(meta.get("tag") or [])
-        unknown = [name for name in labels if name not in self.class_index]
-        if unknown:
-            raise ValueError(f"{where}: labels {unknown} are not in class_names")
-        return make_item(wave, labels, captions, self.class_index, self.text, self.mode == "train", rng, where)
+        try:
+            return make_item(wave, labels, captions, self.class_index, self.text, self.mode == "train", rng, where)
+        except ValueError as error:  # no text for the asked text source
+            raise AudioReadError(where, str(error).removeprefix(f"{where}: ")) from None
 
     def _ordered_urls(self) -> list[str]:
         if self.mode != "train":
@@ -216,7 +255,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 yield self._decode(sample)
             except AudioReadError as error:
                 self._skips.add()
-                report_skip(error, self._skips.value)
+                report_skip(error, self._skips.value, "sample")
 
     def __iter__(self):
         if self.shuffle_buffer <= 1 or self.mode != "train":

@@ -9,7 +9,7 @@ import sys
 
 import torch.distributed as dist
 
-from collat.config import CoLLATConfig, TrainConfig, load_preset, preset_names, read_config_file
+from collat.config import CoLLATConfig, ConfigError, TrainConfig, load_preset, preset_names, read_config_file
 
 DESCRIPTION = """Train CoLLAT: a locked text encoder learns to understand audio through an AST audio encoder
 and a token interaction module (token loss after greedy matching, contrastive loss, noise-robustness
@@ -19,10 +19,14 @@ With no options: the CPU preset on the embedded soundfont data (clips of 30 Gene
 and sound effects, 1-3 mixed per clip, rendered on the fly; nothing is downloaded), about 10 minutes on
 2 cores. --preset paper selects the paper's sizes for a GPU (AST-base, CLIP ViT-B-32 text tower)."""
 EPILOG = """run folder (--out): checkpoint/ (replaced atomically; Ctrl-C or SIGTERM finishes the step, saves one and
-stops; --resume continues bit-exactly on CPU), log.jsonl (one line per step), losses.png, results.json.
+stops; --resume continues bit-exactly on CPU from the newest complete checkpoint, wherever a crash left it;
+a changed --lr, --weight-decay, --warmup-steps or --steps applies from the resumed step, a changed batch
+size or seed is refused), log.jsonl (one line per step, written every --log-every steps; evaluations of
+--eval-every too; never deleted: a fresh start keeps the old one as log.jsonl.N), tensorboard/ (with
+--report-to tensorboard), losses.png, results.json.
 
-config files (--config FILE): {"model": {CoLLATConfig fields}, "train": {TrainConfig fields}}, applied
-over the preset; options given on the command line win. Presets: collat/configs/*.json.
+config files (--config FILE.json / FILE.yaml): {"model": {CoLLATConfig fields}, "train": {TrainConfig
+fields}}, applied over the preset; options given on the command line win. Presets: collat/configs/*.json.
 
 several GPUs or machines: torchrun --nproc_per_node=K -m collat.train ... (DistributedDataParallel; the
 contrastive loss gathers features across ranks as open_clip does; a checkpoint resumes under any K)."""
@@ -41,7 +45,8 @@ def build_parser(preset: tuple[CoLLATConfig, TrainConfig]) -> argparse.ArgumentP
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=preset_names(), default="cpu",
                         help="starting values: cpu (the default run) or paper (the paper's sizes, for a GPU)")
-    parser.add_argument("--config", help="JSON file of model and train values applied over the preset")
+    parser.add_argument("--config", help="JSON or YAML file of model and train values applied over the preset "
+                                          "(see below)")
     for flag, (name, value) in SHORTHANDS.items():
         parser.add_argument(flag, dest=name, action="store_const", const=value, help=f"same as --{name} {value}")
     defaults = {**dataclasses.asdict(preset[0]), **dataclasses.asdict(preset[1])}
@@ -69,10 +74,25 @@ def parse_args(argv=None) -> tuple[CoLLATConfig, TrainConfig]:
             payload = read_config_file(config_path)
             model_values.update(payload.get("model", {}))
             train_values.update(payload.get("train", {}))
+            _validate(model_values, train_values, lambda section, field: f"config file {config_path}: {section}.{field}")
         _apply_options(args, model_values, train_values)
-        return CoLLATConfig.from_dict(model_values), TrainConfig.from_dict(train_values)
+        return _validate(model_values, train_values, lambda section, field: f"argument --{field.replace('_', '-')}:"
+                         if field in args else field)
     except (FileNotFoundError, TypeError, ValueError) as error:
         parser.error(str(error))
+
+
+def _validate(model_values: dict, train_values: dict, where) -> tuple[CoLLATConfig, TrainConfig]:
+    """Both configs, checked; an error names its field as `where(section, field)` says (a flag, a file)."""
+    configs = []
+    for section, cls, values in (("model", CoLLATConfig, model_values), ("train", TrainConfig, train_values)):
+        config = cls.from_dict(values)
+        try:
+            config.validate()
+        except ConfigError as error:
+            raise ValueError(f"{where(section, error.field)} {error.detail}") from None
+        configs.append(config)
+    return configs[0], configs[1]
 
 
 def _apply_options(given: dict, model_values: dict, train_values: dict) -> None:
@@ -86,6 +106,8 @@ def _apply_options(given: dict, model_values: dict, train_values: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from collat.data.manifest import UnreadableDataError
+    from collat.train.checkpoint import find_checkpoint
     from collat.train.loop import NonFiniteLossError, run
 
     model_config, train_config = parse_args(argv)
@@ -94,8 +116,12 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError, UnreadableDataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full or read-only disk: what was saved before is intact
+        kept = find_checkpoint(train_config.out)
+        print(f"error: {e}; the last complete checkpoint is {kept or 'none'}", file=sys.stderr)
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():

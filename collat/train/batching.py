@@ -5,6 +5,8 @@ uninterrupted run would; under torchrun each rank reads its DistributedSampler s
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from collat.config import CoLLATConfig, TrainConfig
@@ -16,25 +18,35 @@ EVAL_SET_NAMES = {"soundfont/seen-single": "seen top-1", "soundfont/heldout-sing
 
 
 def datasets(model_config: CoLLATConfig, train_config: TrainConfig):
-    """(training data set, {name: evaluation ClipSet}): the embedded soundfont data, or a manifest's
-    rows (evaluated on its labelled eval_split rows), or tar shards (evaluated on nothing)."""
+    """(training data set, {name: evaluation ClipSet}): the embedded soundfont data, a manifest's rows
+    or tar shards; evaluated on the labelled eval_split rows of eval_manifest (default: the training
+    manifest's), else on the embedded test sets (embedded data) or on nothing (shards)."""
     if train_config.train_manifest and train_config.train_shards:
         raise ValueError("give train_manifest or train_shards, not both")
     common = dict(clip_seconds=model_config.clip_seconds, seed=train_config.data_seed)
+    eval_manifest = train_config.eval_manifest or train_config.train_manifest
     if train_config.train_shards:
         from collat.data.shards import ShardDataset
 
-        return ShardDataset(train_config.train_shards, mode="train", shuffle_buffer=train_config.shuffle_buffer,
-                            **common), {}
-    if train_config.train_manifest:
+        train = ShardDataset(train_config.train_shards, mode="train", shuffle_buffer=train_config.shuffle_buffer,
+                             **common)
+    elif train_config.train_manifest:
         from collat.data.manifest import ManifestDataset
 
         train = ManifestDataset(train_config.train_manifest, split=train_config.train_split, mode="train", **common)
-        return train, (manifest_eval_sets(train_config, model_config.clip_seconds) if train_config.evaluate else {})
-    from collat.data.soundfont import SEEN_CLASSES, SoundfontDataset
+    else:
+        from collat.data.soundfont import SEEN_CLASSES, SoundfontDataset
 
-    train = SoundfontDataset("train", size=train_config.train_size, classes=SEEN_CLASSES, sources=(1, 3), **common)
-    return train, (embedded_eval_sets(train_config, model_config.clip_seconds) if train_config.evaluate else {})
+        train = SoundfontDataset("train", size=train_config.train_size, classes=SEEN_CLASSES, sources=(1, 3), **common)
+    if not train_config.evaluate:
+        return train, {}
+    if eval_manifest:
+        return train, manifest_eval_sets(eval_manifest, train_config, model_config.clip_seconds)
+    if train_config.train_shards:
+        print("collat.train: training from shards evaluates nothing unless --eval-manifest names a manifest",
+              file=sys.stderr)
+        return train, {}
+    return train, embedded_eval_sets(train_config, model_config.clip_seconds)
 
 
 def embedded_eval_sets(train_config: TrainConfig, clip_seconds: float) -> dict:
@@ -45,16 +57,19 @@ def embedded_eval_sets(train_config: TrainConfig, clip_seconds: float) -> dict:
     return {EVAL_SET_NAMES[clip_set.name]: clip_set for clip_set in sets}
 
 
-def manifest_eval_sets(train_config: TrainConfig, clip_seconds: float) -> dict:
+def manifest_eval_sets(manifest: str, train_config: TrainConfig, clip_seconds: float) -> dict:
     """The manifest's labelled eval_split rows (at most eval_size), when it has any."""
     from collat.data.manifest import read_manifest
     from collat.evaluate.sets import manifest_sets
 
-    entries = read_manifest(train_config.train_manifest)
+    entries = read_manifest(manifest)
     if not any(entry.split == train_config.eval_split and entry.labels for entry in entries):
+        if train_config.eval_manifest:
+            raise ValueError(f"--eval-manifest {manifest} has no labelled rows in split {train_config.eval_split!r} "
+                             "(--eval-split)")
         return {}
-    (clip_set,) = manifest_sets(train_config.train_manifest, clip_seconds, split=train_config.eval_split,
-                                train_split=None, max_clips=train_config.eval_size, labelled_only=True)
+    (clip_set,) = manifest_sets(manifest, clip_seconds, split=train_config.eval_split, train_split=None,
+                                max_clips=train_config.eval_size, labelled_only=True)
     return {f"{train_config.eval_split} {'mAP' if clip_set.multi_label else 'top-1'}": clip_set}
 
 

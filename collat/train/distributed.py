@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from collat.device import resolve_device
+
 
 @dataclass
 class World:
@@ -26,6 +28,8 @@ def setup_distributed(device_arg: str) -> tuple[World, torch.device]:
     """Join torchrun's process group (WORLD_SIZE > 1; rendezvous through its env:// variables, so
     multi-node works as torchrun sets it up): nccl when training on CUDA, gloo on CPU."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_arg != "auto":
+        resolve_device(device_arg)  # a clear ValueError for a device that is malformed or not on this machine
     use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     owns_group = False

@@ -4,12 +4,19 @@
 DistributedDataParallel replica per rank; rank 0 alone logs, shows progress and writes checkpoints.
 Every step is appended to RUN/log.jsonl; a checkpoint is written every save_every steps, at the end
 and on SIGINT/SIGTERM (the step in flight finishes first); RUN/results.json holds the final table.
+
+A step never waits for the device: its losses and gradient norm stay on the device until they are
+read, all at once (one host sync), every log_every steps and before every checkpoint or evaluation.
+A non-finite loss or gradient skips its own optimizer update on the device (AdamW's found_inf), and
+the next read stops the run with NonFiniteLossError naming that step, before any checkpoint could
+hold what came after it. Under torchrun a signal to one rank is seen by all at that read.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +34,7 @@ from collat.prompts import make_prompt
 from collat.train.batching import batch_stream, datasets
 from collat.train.checkpoint import (
     CHECKPOINT_DIR,
+    checkpoint_folders,
     find_checkpoint,
     load_checkpoint,
     rng_state,
@@ -35,7 +43,7 @@ from collat.train.checkpoint import (
 )
 from collat.train.distributed import World, rank_seed, reduce_mean, seed_everything, setup_distributed
 from collat.train.optim import build_optimizer
-from collat.train.runlog import LOG_NAME, PLOT_NAME, plot_losses, truncate_log
+from collat.train.runlog import LOG_NAME, PLOT_NAME, RunLog, plot_losses, set_aside, truncate_log
 from collat.train.signals import StopFlag
 
 RESULTS_NAME = "results.json"
@@ -56,6 +64,8 @@ def run(model_config: CoLLATConfig | None = None, train_config: TrainConfig | No
     created it. Logged losses are the global batch's (the mean of the ranks' shares)."""
     model_config = model_config or load_preset("cpu")[0]
     train_config = train_config or TrainConfig()
+    model_config.validate()
+    train_config.validate()
     world, device = setup_distributed(train_config.device)
     try:
         trainer = Trainer(model_config, train_config, world, device)
@@ -97,22 +107,24 @@ class Trainer:
     def _resume_or_start(self) -> int:
         cfg, world = self.config, self.world
         if cfg.resume and self.checkpoint is None and world.is_main:
-            print(f"--resume: no checkpoint in {self.out}; starting from scratch", file=sys.stderr)
+            found = [name for name in checkpoint_folders(self.out).values() if os.path.isdir(name)]
+            print(f"--resume: no complete checkpoint in {self.out}"
+                  + (f" ({', '.join(found)} incomplete)" if found else "") + "; starting from scratch", file=sys.stderr)
         if self.checkpoint is not None:
-            step = load_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler, world, cfg.seed)
+            step = load_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler, world, cfg)
             if world.is_main:
                 truncate_log(self.log_path, step - 1)
                 print(f"resumed from {self.checkpoint} at step {step}")
             return step
-        if world.is_main and os.path.exists(self.log_path):
-            os.remove(self.log_path)
+        if world.is_main and (kept := set_aside(self.log_path)):
+            print(f"starting at step 0: the previous {LOG_NAME} is kept as {kept}", file=sys.stderr)
         if world.size > 1:  # the model is built; from here on each rank draws its own noise
             seed_everything(rank_seed(cfg.seed, world.rank))
         return 0
 
     def _untrained_table(self) -> dict | None:
         """The untrained model's table (computed once per run folder; a resume reads it back)."""
-        if not (self.config.evaluate and self.world.is_main):
+        if not (self.config.evaluate and self.world.is_main and self.eval_sets):
             return None
         path = os.path.join(self.out, UNTRAINED_NAME)
         if os.path.isfile(path) and self.checkpoint is not None:
@@ -141,7 +153,7 @@ class Trainer:
                 print(f"{status} at step {step}; checkpoint in {os.path.join(self.out, CHECKPOINT_DIR)} "
                       "(continue with --resume)")
             return result
-        if self.config.evaluate and self.world.is_main:
+        if self.config.evaluate and self.world.is_main and self.eval_sets:
             self._final_table(untrained, result)
         if self.world.size > 1:
             dist.barrier()  # rank 0's evaluation and files are done before any rank leaves the group
@@ -157,63 +169,109 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
         end_step = cfg.steps if cfg.stop_at_step is None else min(cfg.steps, cfg.stop_at_step)
-        bar = self._progress_bar()
+        self.bar = self._progress_bar()
         status, last, done = "completed", {}, self.start_step
+        self.pending, self.tick = [], time.perf_counter()
         self.model.train()
-        with StopFlag() as stop, open(self.log_path, "a") if world.is_main else contextlib.nullcontext() as log:
+        with StopFlag() as stop, RunLog(self.out, cfg.report_to, self.start_step) if world.is_main \
+                else contextlib.nullcontext() as self.runlog:
             stream = batch_stream(self.train_dataset, cfg, world, self.start_step) if done < end_step else iter(())
-            tick = time.perf_counter()
             for step, batch in stream:
-                last, signalled = self._step(train_module, step, batch, stop)
-                now = time.perf_counter()
-                last["samples_per_s"] = cfg.batch_size / (now - tick)
-                tick = now
-                self._log(log, bar, last)
+                self.pending.append(self._step(train_module, step, batch, stop))
                 done = step + 1
+                saving = done % cfg.save_every == 0 or done >= end_step
+                evaluating = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps
+                signalled = world.size == 1 and stop.signal is not None  # a Python flag: no sync
+                if saving or evaluating or signalled or done % cfg.log_every == 0:
+                    last, signalled = self._read_pending(stop)
                 if signalled:
                     status = f"interrupted by {stop.signal or 'a signal to another rank'}"
                 elif done >= end_step:
                     status = "completed" if done >= cfg.steps else "stopped"
-                if status != "completed" or done % cfg.save_every == 0 or done >= cfg.steps:
+                if evaluating and status == "completed":
+                    self._evaluate_during_training(done)
+                if status != "completed" or saving:
                     save_on_main(self.out, self.model, self.optimizer, self.scheduler, done, cfg, world)
                 if status != "completed" or done >= cfg.steps:
                     break
-        if bar is not None:
-            bar.close()
+        if self.bar is not None:
+            self.bar.close()
         return status, done, last
 
-    def _step(self, train_module, step: int, batch: dict, stop: StopFlag) -> tuple[dict, bool]:
-        """One optimizer step; returns the logged record and whether any rank got a signal."""
+    def _step(self, train_module, step: int, batch: dict, stop: StopFlag) -> dict:
+        """One optimizer step, queued on the device without a host sync; returns what _read_pending logs."""
         model, world = self.model, self.world
         with autocast(self.device, self.config.amp):
             terms = train_module(batch["wave"].to(self.device, non_blocking=True), batch["text"])
-        loss = terms["loss"]
-        finite = torch.isfinite(loss.detach()).float()
-        if world.size > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            kept = find_checkpoint(self.out)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step}: " + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-                + f". Training stopped; the last good checkpoint is {kept or 'none (none was written yet)'}. "
-                "Try a lower --lr, --amp none, or a smaller --grad-clip."
-            )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), self.config.grad_clip)
+        # The global losses (mean of the ranks' shares), the gradient norm and, under torchrun, whether any
+        # rank got a signal (torchrun signals every rank, but not necessarily within the same step): one
+        # collective, and still nothing read on the host.
+        values = torch.stack([terms[k].detach().float() for k in terms] + [grad_norm.detach().float()])
+        if world.size > 1:
+            values = torch.cat([values, values.new_tensor([float(stop.signal is not None)])])
+            dist.all_reduce(values)
+            values = values / world.size
+        # A non-finite loss or gradient: AdamW skips this update on the device (weights and moments untouched).
+        self.optimizer.found_inf = (~torch.isfinite(values[: len(terms) + 1]).all()).float()
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
             model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
-        # One collective: the global losses (mean of the ranks' shares) and whether any rank got a
-        # signal -- torchrun signals every rank, but not necessarily within the same step.
-        names = list(terms)
-        values = reduce_mean([float(terms[k].detach()) for k in names] + [float(stop.signal is not None)],
-                             self.device, world)
-        signalled = values.pop() > 0
-        record = {"step": step, **dict(zip(names, values)), "grad_norm": float(grad_norm),
-                  "lr": self.scheduler.get_last_lr()[0]}
-        return record, signalled
+        return {"step": step, "names": list(terms), "values": values, "lr": self.scheduler.get_last_lr()[0]}
+
+    def _read_pending(self, stop: StopFlag) -> tuple[dict, bool]:
+        """Read the queued steps' values (one host sync), log them, and stop at a non-finite one.
+        Returns the last record and whether any rank got a signal."""
+        pending, self.pending = self.pending, []
+        rows = torch.stack([entry["values"] for entry in pending]).tolist()
+        now = time.perf_counter()
+        samples_per_s = self.config.batch_size * len(pending) / max(now - self.tick, 1e-9)
+        self.tick = now
+        records, signalled = [], stop.signal is not None
+        for entry, row in zip(pending, rows):
+            names = entry["names"] + ["grad_norm"]
+            record = {"step": entry["step"], **dict(zip(names, row)), "lr": entry["lr"], "samples_per_s": samples_per_s}
+            signalled = signalled or (self.world.size > 1 and row[len(names)] > 0)
+            if not all(math.isfinite(record[name]) for name in names):
+                self._write_records(records)
+                raise self._non_finite(record, names)
+            records.append(record)
+        self._write_records(records)
+        return records[-1], signalled
+
+    def _non_finite(self, record: dict, names: list[str]) -> NonFiniteLossError:
+        kept = find_checkpoint(self.out)
+        what = "loss" if not math.isfinite(record["loss"]) else "gradient"
+        return NonFiniteLossError(
+            f"non-finite {what} at step {record['step']}: " + ", ".join(f"{k}={record[k]:.4g}" for k in names)
+            + f". That step's update was skipped and training stopped; the last good checkpoint is "
+            f"{kept or 'none (none was written yet)'}. Try a lower --lr, --amp none, or a smaller --grad-clip."
+        )
+
+    def _write_records(self, records: list[dict]) -> None:
+        if not (self.world.is_main and records):
+            return
+        self.runlog.write_steps(records)
+        if self.bar is not None:
+            record = records[-1]
+            self.bar.update(len(records))
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", ct=f"{record['l_ct']:.3f}", cg=f"{record['l_cg']:.3f}",
+                                 ut=f"{record['l_ut']:.4f}", sps=f"{record['samples_per_s']:.1f}")
+
+    def _evaluate_during_training(self, done: int) -> None:
+        """The zero-shot table of the model after `done` steps (rank 0; the RNG streams are kept)."""
+        if self.world.is_main and self.eval_sets:
+            state = rng_state()
+            table = self._evaluate()
+            set_rng_state(state)
+            self.model.train()
+            self.runlog.write_eval(done - 1, table)
+            print(f"\nafter {done} steps: " + ", ".join(f"{k} {v:.3f}" for k, v in table.items()), flush=True)
+        if self.world.size > 1:
+            dist.barrier()
 
     def _progress_bar(self):
         if not (self.config.progress and self.world.is_main):
@@ -221,16 +279,6 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=self.config.steps, initial=self.start_step, desc="train", dynamic_ncols=True)
-
-    def _log(self, log_file, bar, record: dict) -> None:
-        if not self.world.is_main:
-            return
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", ct=f"{record['l_ct']:.3f}", cg=f"{record['l_cg']:.3f}",
-                            ut=f"{record['l_ut']:.4f}", sps=f"{record['samples_per_s']:.1f}")
 
     # ------------------------------------------------------------------------------------ the end
     def _final_table(self, untrained: dict, result: dict) -> None:

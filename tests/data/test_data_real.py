@@ -16,6 +16,7 @@ from collat.data.collate import collate
 from collat.data.manifest import (
     ManifestDataset,
     ManifestEntry,
+    UnreadableDataError,
     check_files_exist,
     read_manifest,
     write_manifest,
@@ -228,9 +229,14 @@ def test_broken_files_are_reported_skipped_and_counted(tmp_path, capsys):
     loader = torch.utils.data.DataLoader(fresh, batch_size=2, collate_fn=collate, num_workers=2)
     batches = list(loader)
     assert sum(len(b["text"]) for b in batches) == 4 and fresh.skipped == 2
+    # Every row unreadable: say so (not "50 audio files in a row" of a 2-row data set), with a type the CLI reports.
     all_broken = ManifestDataset(entries[1:3])
-    with pytest.raises(RuntimeError, match="could not be read"):
+    with pytest.raises(UnreadableDataError, match="none of the 2 audio files of the data set can be read") as info:
         all_broken[0]
+    assert "50" not in str(info.value)
+    many = ManifestDataset(entries[1:3] * 30, check_files=False)
+    with pytest.raises(UnreadableDataError, match="50 audio files in a row could not be read"):
+        many[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,6 +271,10 @@ def test_esc50_reader(tmp_path, capsys):
     readers.main(["esc50", str(root), str(tmp_path / "esc50.csv")])
     assert read_manifest(str(tmp_path / "esc50.csv")) == entries
     assert "wrote 5 rows" in capsys.readouterr().out
+    readers.main(["esc50", str(root), str(tmp_path / "folds.csv"), "--folds"])  # for collat.evaluate --folds
+    assert [e.split for e in read_manifest(str(tmp_path / "folds.csv"))] == [f"fold{k}" for k in range(1, 6)]
+    with pytest.raises(SystemExit):
+        readers.main(["fsd50k", str(root), str(tmp_path / "x.csv"), "--folds"])
     with pytest.raises(FileNotFoundError, match="meta/esc50.csv"):
         readers.esc50_entries(str(tmp_path))
 
@@ -364,3 +374,92 @@ def test_reader_output_is_a_valid_jsonl_manifest(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
     assert len(rows) == 4 and all(not os.path.isabs(row["path"]) for row in rows)
     assert read_manifest(str(tmp_path / "a.jsonl"))[0].labels == ["Speech", "Child speech, kid speaking"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 17: BOM manifests, labels with spaces, headers that claim more audio than is needed
+
+
+@pytest.mark.parametrize("extension", ["csv", "jsonl"])
+def test_manifest_with_a_byte_order_mark(tmp_path, extension):
+    clip = write_tone(str(tmp_path / "a.wav"))
+    text = ("path,labels,split\na.wav,dog,train\n" if extension == "csv"
+            else '{"path": "a.wav", "labels": ["dog"], "split": "train"}\n')
+    path = tmp_path / f"excel.{extension}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # what Excel's "CSV UTF-8" writes
+    (entry,) = read_manifest(str(path))
+    assert entry == ManifestEntry(clip, ["dog"], [], "train")
+
+
+def test_csv_labels_and_fields_are_stripped(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("path,labels,caption,split\n a.wav ,Speech; Music ;; Dog barking ,, test \n")
+    (entry,) = read_manifest(str(path))
+    assert entry.labels == ["Speech", "Music", "Dog barking"]
+    assert entry.path == str(tmp_path / "a.wav") and entry.split == "test"
+
+
+def write_lying_wav(path, claimed_seconds, sample_rate=16000, real_seconds=1.0):
+    """A 16-bit mono WAV whose header claims `claimed_seconds`: a ramp for `real_seconds`, then a sparse
+    (unallocated) tail of zeros up to the claimed size, as a crafted or truncated-and-extended file has."""
+    frames = int(real_seconds * sample_rate)
+    soundfile.write(path, np.linspace(-0.5, 0.5, frames), sample_rate, subtype="PCM_16")
+    claimed = int(claimed_seconds * sample_rate)
+    with open(path, "r+b") as handle:
+        handle.seek(4)
+        handle.write((36 + 2 * claimed).to_bytes(4, "little"))
+        handle.seek(40)
+        handle.write((2 * claimed).to_bytes(4, "little"))
+        handle.truncate(44 + 2 * claimed)  # sparse: no disk blocks for the tail
+    return path
+
+
+class CountingReads:
+    """Counts the frames soundfile decodes (SoundFile.read), and the peak of Python-tracked memory."""
+
+    def __init__(self, monkeypatch):
+        self.frames = 0
+        original = soundfile.SoundFile.read
+
+        def read(handle, frames=-1, *args, **kwargs):
+            data = original(handle, frames, *args, **kwargs)
+            self.frames += len(data)
+            return data
+
+        monkeypatch.setattr(soundfile.SoundFile, "read", read)
+
+
+@pytest.mark.parametrize("mode, crop", [("eval", "start"), ("eval", "center"), ("train", "start")])
+def test_a_header_claiming_an_hour_reads_only_the_window(tmp_path, monkeypatch, mode, crop):
+    import tracemalloc
+
+    path = write_lying_wav(str(tmp_path / "hour.wav"), claimed_seconds=3600)
+    assert soundfile.info(path).frames == 3600 * 16000
+    counter = CountingReads(monkeypatch)
+    tracemalloc.start()
+    wave = load_audio(path, 16000, clip_seconds=0.5, mode=mode, rng=np.random.default_rng(0), crop=crop)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert wave.shape == (8000,)
+    assert counter.frames == 8000  # the window only, not 57.6 M frames (230 MB as float32)
+    assert peak < 2_000_000, peak
+    if crop == "center":  # the middle of the claimed hour (the sparse zeros)
+        assert not wave.any()
+
+
+def test_windowed_reads_equal_cropping_the_whole_file(tmp_path):
+    """The crop of a window read equals resampling and cropping the whole file (44.1 kHz -> 16 kHz), for
+    every crop; the train offset comes from the same rng draw on the resampled length."""
+    rng = np.random.default_rng(5)
+    data = (0.3 * rng.standard_normal(44100 * 2)).astype(np.float32)
+    path = str(tmp_path / "noise.wav")
+    soundfile.write(path, data, 44100, subtype="FLOAT")
+    whole = torchaudio.functional.resample(torch.from_numpy(data), 44100, 16000)
+    n, excess = 4000, whole.shape[0] - 4000
+    expected = {("eval", "start"): 0, ("eval", "center"): excess // 2}
+    for seed in range(4):
+        expected[("train", seed)] = int(np.random.default_rng(seed).integers(0, excess + 1))
+    for (mode, how), offset in expected.items():
+        kwargs = {"crop": how} if mode == "eval" else {"rng": np.random.default_rng(how)}
+        got = load_audio(path, 16000, clip_seconds=0.25, mode=mode, **kwargs)
+        torch.testing.assert_close(got, whole[offset : offset + n], rtol=0, atol=1e-6)

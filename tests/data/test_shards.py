@@ -13,6 +13,7 @@ import webdataset as wds
 from collat.data.collate import collate
 from collat.data.manifest import ManifestDataset, ManifestEntry, write_manifest
 from collat.data.shards import ShardDataset, main, shard_urls, write_shards
+from collat.prompts import make_prompt
 
 
 def write_clip(path, k, seconds=0.5, sample_rate=16000, channels=1):
@@ -152,3 +153,43 @@ def test_clear_errors(tmp_path):
         write_shards([ManifestEntry("x.wav", ["dog"], [], "train")], str(tmp_path / "s"), split="test")
     with pytest.raises(ValueError, match="mode"):
         ShardDataset([], class_names=[], mode="fit")
+
+
+def test_malformed_json_members_are_skipped_and_a_string_tag_is_one_label(tmp_path, capsys):
+    # Issue 17 item 5: a .json that is a list, or has "text": 5, stopped the whole stream with an
+    # AttributeError / TypeError; "tag": "dog" became the labels d, o, g.
+    clip = io.BytesIO()
+    soundfile.write(clip, np.zeros(800, np.float32) + 0.1, 16000, format="FLAC")
+    members = {
+        "000": [1, 2],                              # not an object
+        "001": {"text": 5, "tag": ["dog"]},         # text is not a string
+        "002": {"tag": "dog"},                      # one label, as a string
+        "003": {"tag": [1]},                        # a label that is not a string
+        "004": {"tag": ["cat"]},                    # a label classes.json does not list
+        "005": {},                                  # no text at all
+        "006": {"text": "a dog barks", "tag": ["dog"]},
+    }
+    path = str(tmp_path / "shard-000000.tar")
+    with wds.TarWriter(path) as writer:
+        for key, meta in members.items():
+            writer.write({"__key__": key, "flac": clip.getvalue(), "json": json.dumps(meta).encode()})
+    data = ShardDataset([path], class_names=["dog", "o", "g", "d"], clip_seconds=None)
+    items = list(data)  # the stream goes on past every malformed member
+    assert [item["names"] for item in items] == [["dog"], ["dog"]]
+    assert items[0]["text"] == make_prompt(["dog"]) and items[0]["labels"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert items[1]["text"] == "a dog barks"
+    assert data.skipped == 5
+    err = capsys.readouterr().err
+    for key, reason in (("000", "expected an object"), ("001", "'text' must be a string"),
+                        ("003", "'tag' must be a string"), ("004", "not in class_names"), ("005", "no text")):
+        line = next(line for line in err.splitlines() if f"shard-000000.tar:{key}" in line)
+        assert reason in line, line
+
+
+def test_the_brace_pattern_of_the_written_shards(tmp_path, manifest):
+    # The README's pattern for a shard folder written by write_shards: DIR/shard-{000000..00000N}.tar
+    out = str(tmp_path / "shards")
+    write_shards(manifest, out, split="train", samples_per_shard=2)
+    urls = shard_urls(out + "/shard-{000000..000002}.tar")
+    assert [os.path.basename(url) for url in urls] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert len(list(ShardDataset(urls, clip_seconds=None))) == 6

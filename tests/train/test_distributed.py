@@ -27,7 +27,8 @@ from collat.model import CoLLAT
 from collat.model import losses as L
 from collat.train import run
 from collat.train.__main__ import parse_args
-from collat.train.checkpoint import CHECKPOINT_DIR, TRAINER_STATE
+from collat.train.checkpoint import CHECKPOINT_DIR
+from collat.train.state_io import read_trainer_state
 from collat.train.runlog import LOG_NAME, PLOT_NAME, read_log
 
 WORLD = 2
@@ -198,7 +199,7 @@ def test_a_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(session):
     out, _ = session
     statuses = [torch.load(out / f"signal-{rank}.pt") for rank in range(WORLD)]
     assert statuses == [("interrupted by a signal to another rank", 2), ("interrupted by SIGTERM", 2)]
-    state = torch.load(out / "signal" / CHECKPOINT_DIR / TRAINER_STATE, weights_only=False)
+    state = read_trainer_state(out / "signal" / CHECKPOINT_DIR)
     assert state["step"] == 2 and [r["step"] for r in rows(out / "signal")] == [0, 1]
 
 
@@ -219,7 +220,7 @@ def test_two_process_run_matches_one_and_resumes_in_one(session, tmp_path):
     for a, b in zip(rows(two), rows(tmp_path / "one")):
         for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
-    state = torch.load(os.path.join(two, CHECKPOINT_DIR, TRAINER_STATE), weights_only=False)
+    state = read_trainer_state(os.path.join(two, CHECKPOINT_DIR))
     assert state["step"] == 2 and len(state["rng_per_rank"]) == WORLD
     assert state["rng_per_rank"][0]["torch"].ne(state["rng_per_rank"][1]["torch"]).any()  # per-rank noise streams
 
@@ -292,7 +293,7 @@ def test_torchrun_cli_on_shards(clips, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert [r["step"] for r in rows(out)] == [0, 1, 2]  # rank 0 alone writes the log
     assert proc.stdout.count("0 unreadable audio file(s) skipped (summed over 2 rank(s))") == 1
-    state = torch.load(out / CHECKPOINT_DIR / TRAINER_STATE, weights_only=False)
+    state = read_trainer_state(out / CHECKPOINT_DIR)
     assert state["step"] == 3 and len(state["rng_per_rank"]) == 2
     saved = CoLLAT.read_config(str(out / CHECKPOINT_DIR))
     assert saved.local_loss and saved.gather_with_grad and saved.audio_size == "micro"

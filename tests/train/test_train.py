@@ -14,7 +14,8 @@ from collat.model import CoLLAT
 from collat.train import NonFiniteLossError, run
 from collat.train.__main__ import main, parse_args
 from collat.train.batching import epoch_batches
-from collat.train.checkpoint import CHECKPOINT_DIR, TRAINER_STATE
+from collat.train.checkpoint import CHECKPOINT_DIR
+from collat.train.state_io import read_trainer_state
 from collat.train.distributed import World
 from collat.train.loop import RESULTS_NAME
 from collat.train.runlog import LOG_NAME, PLOT_NAME, read_log
@@ -68,7 +69,7 @@ def test_signal_saves_checkpoint_and_stops(template, tmp_path, monkeypatch):
     monkeypatch.setattr(CoLLAT, "compute_losses", compute_then_signal)
     result = train(template, tmp_path, save_every=100)
     assert result["status"] == "interrupted by SIGTERM" and result["step"] == 2
-    state = torch.load(tmp_path / CHECKPOINT_DIR / TRAINER_STATE, weights_only=False)
+    state = read_trainer_state(str(tmp_path / CHECKPOINT_DIR))
     assert state["step"] == 2
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
@@ -87,7 +88,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(template, tmp_path, mon
     monkeypatch.setattr(CoLLAT, "compute_losses", nan_at_step_3)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3.*last good checkpoint"):
         train(template, tmp_path, save_every=2)
-    state = torch.load(tmp_path / CHECKPOINT_DIR / TRAINER_STATE, weights_only=False)
+    state = read_trainer_state(str(tmp_path / CHECKPOINT_DIR))
     assert state["step"] == 2
     CoLLAT.from_pretrained(str(tmp_path / CHECKPOINT_DIR))  # still a whole, loadable checkpoint
 
