@@ -5,7 +5,6 @@ name, and writing an output file after the results are printed."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
@@ -13,43 +12,17 @@ import torch
 
 from collat.config import ConfigError
 from collat.model import load_model
-from collat.model.pretrained import CONFIG_NAME, WEIGHTS_NAME, checkpoint_folder
+from collat.model.pretrained import CONFIG_NAME, checkpoint_folder
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message names the file."""
 
 
-def _check_config_file(path: str) -> None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            payload = json.load(handle)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
-    except OSError as error:
-        raise CheckpointError(f"{path} cannot be read: {error}") from None
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"{path} must hold a JSON object (a CoLLAT config), got {type(payload).__name__}")
-
-
-def _check_weights_file(path: str) -> None:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
-
-
 def load_model_checked(path: str | os.PathLike, device: torch.device):
     """collat.model.load_model, with FileNotFoundError / CheckpointError naming the file when it fails."""
     folder = checkpoint_folder(path)
-    config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
-    if os.path.isfile(config_path):
-        _check_config_file(config_path)
-    if os.path.isfile(weights_path):
-        _check_weights_file(weights_path)
+    config_path = os.path.join(folder, CONFIG_NAME)
     try:
         return load_model(folder, device)
     except (FileNotFoundError, CheckpointError):

@@ -13,9 +13,9 @@ Metric definitions are in metrics.py; `DEFINITIONS` goes into every results file
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, field
 
 import torch
-from dataclasses import asdict, dataclass, field
 
 from collat.evaluate import metrics
 from collat.evaluate.features import NOISE_DOMAINS, Noise, class_prompt_embeddings, extract_features

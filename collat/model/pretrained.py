@@ -104,9 +104,10 @@ class PretrainedMixin(
                                        cache_dir=cache_dir, local_files_only=local_files_only, revision=revision)
         payload = read_checkpoint_config(directory)
         config = config_from_payload(payload, directory)
+        state = load_weights_file(os.path.join(directory, WEIGHTS_NAME))  # a damaged file fails before building
         with torch.random.fork_rng(devices=[]):
             model = _build(cls, config, payload, directory)
-        model.load_weights(load_weights_file(os.path.join(directory, WEIGHTS_NAME)))
+        model.load_weights(state)
         model.eval()
         return model.place(device if device is not None else map_location, dtype)
 
@@ -203,7 +204,7 @@ def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str
     try:
         return load_file(path, device=str(device))
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is damaged or incomplete: safetensors cannot read it ({error})") from None
+        raise ValueError(f"{path} is damaged or incomplete: it is not a readable safetensors file ({error})") from None
 
 
 def resolve_dtype(dtype) -> torch.dtype:

@@ -13,6 +13,7 @@ from collat.kernels._utils import runs_triton
 from collat.kernels.token_l1 import SUPPORTED_DTYPES, TokenL1LossFunction
 from collat.ops import reference
 
+
 def _check_inputs(pred, target, perm) -> None:
     for name, t in (("pred", pred), ("target", target), ("perm", perm)):
         if not isinstance(t, torch.Tensor):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from collat.config import TrainConfig
-from collat.model.pretrained import CONFIG_NAME, RUN_CHECKPOINT_DIR, WEIGHTS_NAME
+from collat.model.pretrained import CONFIG_NAME, RUN_CHECKPOINT_DIR, WEIGHTS_NAME, load_weights_file
 from collat.train.distributed import World, rank_seed, seed_everything
 from collat.train.optim import apply_schedule
 from collat.train.state_io import (
@@ -163,9 +163,6 @@ def load_checkpoint(path: str, model, optimizer, scheduler, world: World | None 
     RNG: one process restores the saved (rank-0) state, bit-exact. K processes restore their own
     rank's state when the checkpoint was written by K processes, else (another world size) they
     reseed per rank from (seed, rank, step): the data order still follows the step, the noise does not."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     world = world or World()
     train_config = train_config or TrainConfig()
     config_path = os.path.join(path, CONFIG_NAME)
@@ -181,9 +178,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler, world: World | None 
     applied = resume_changes(state.get("train_config", {}), train_config, path)
     weights_path = os.path.join(path, WEIGHTS_NAME)
     try:
-        weights = load_file(weights_path, device=str(model.device))
-    except (SafetensorError, OSError) as error:
-        raise TrainerStateError(f"{weights_path} is not a readable safetensors file: {error}") from None
+        weights = load_weights_file(weights_path, device=model.device)
+    except ValueError as error:  # damaged or incomplete; the message names the file
+        raise TrainerStateError(str(error)) from None
     model.load_weights(weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -6,16 +6,20 @@ save (each rename, each file or folder removed, including every file inside a fo
 each folder made) the run folder is copied. Each copy is what a SIGKILL there would leave; resuming
 from it must find a complete checkpoint, never an older one than a crash earlier could have left.
 """
+import dataclasses
+import json
 import os
 import pickle
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from collat.config import CoLLATConfig, TrainConfig
-from collat.model.pretrained import PretrainedMixin
+from collat.fileio import atomic_write, atomic_write_text
+from collat.model.pretrained import ARCHITECTURE, CONFIG_NAME, WEIGHTS_NAME, PretrainedMixin
 from collat.train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_folders,
@@ -36,8 +40,12 @@ from collat.train.state_io import (
 pytestmark = pytest.mark.adversarial
 
 
-class Tiny(PretrainedMixin, nn.Module):
-    """A few weights with CoLLAT's save/load (config.json + model.safetensors), cheap to save hundreds of times."""
+class Tiny(nn.Module):
+    """A few weights saved and loaded like a CoLLAT (config.json + model.safetensors, format version 1, which
+    needs no encoders), cheap to save hundreds of times."""
+
+    read_config = PretrainedMixin.read_config
+    load_weights = PretrainedMixin.load_weights
 
     def __init__(self, config=None):
         super().__init__()
@@ -48,6 +56,13 @@ class Tiny(PretrainedMixin, nn.Module):
     @property
     def device(self):
         return self.layer.weight.device
+
+    def save_pretrained(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_file(state, path))
+        payload = {"architecture": ARCHITECTURE, "format_version": 1, "config": dataclasses.asdict(self.config)}
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(payload))
 
 
 def trainer(seed=0):

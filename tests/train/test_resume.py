@@ -75,7 +75,8 @@ class Planted:
 def test_resume_never_unpickles_a_planted_file(template, tmp_path):
     train(template, tmp_path, stop_at_step=2)
     checkpoint = tmp_path / CHECKPOINT_DIR
-    assert sorted(os.listdir(checkpoint)) == sorted(["config.json", "model.safetensors", STATE_TENSORS, STATE_JSON])
+    assert sorted(os.listdir(checkpoint)) == sorted(["README.md", "config.json", "model.safetensors", "tokenizer",
+                                                    STATE_TENSORS, STATE_JSON])
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"step": 2, "x": Planted(str(marker))})
     # 1. A pickle in place of the tensors file.
