@@ -134,7 +134,8 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
+        # Padding keys' values are never read: a NaN there must not reach the output through 0 * NaN.
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=keep[:, None] & d_valid[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
@@ -210,12 +211,14 @@ def _attn_bwd_fused_kernel(
         offs_n = start_n + offs_n_base
         n_valid = offs_n < key_end
         nd_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
         keep = n_valid
         if HAS_PAD:
             is_pad = tl.load(pad_base + offs_n, mask=n_valid, other=1)
             keep = keep & (is_pad == 0)
+        # Padding keys read as zeros: a NaN there must not reach dq (0 * NaN) or their own zero dk/dv.
+        kv_mask = keep[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dv = _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
@@ -284,14 +287,14 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + offs_n_base
         n_valid = offs_n < NK
-        nd_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         keep = n_valid
         if HAS_PAD:
             is_pad = tl.load(pad_base + offs_n, mask=n_valid, other=1)
             keep = keep & (is_pad == 0)
+        kv_mask = keep[:, None] & d_valid[None, :]  # padding keys read as zeros (see the fused kernel)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -339,12 +342,13 @@ def _attn_bwd_dkdv_kernel(
     d_valid = _head_dim_mask(HEAD_DIM, BLOCK_D)
     nd_mask = n_valid[:, None] & d_valid[None, :]
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
     keep = n_valid
     if HAS_PAD:
         is_pad = tl.load(PAD + b * stride_pad_b + offs_n, mask=n_valid, other=1)
         keep = keep & (is_pad == 0)
+    kv_mask = keep[:, None] & d_valid[None, :]  # padding keys read as zeros (see the fused kernel)
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
 
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
@@ -478,11 +482,19 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
-    """A dense tensor with t's dimension order: for a head view of a wider buffer (k sliced out of a
-    fused K/V projection) this is [B, N, H, d] memory, which the gradient's consumer reads in order."""
+    """A dense tensor with t's dimension order and a unit last-dim stride (the kernels' contract): for
+    a head view of a wider buffer (k sliced out of a fused K/V projection) this is [B, N, H, d] memory,
+    which the gradient's consumer reads in order. Broadcast (stride-0) and size-1 dimensions carry no
+    order, so they go outermost."""
     if t.is_contiguous():
         return torch.empty_like(t, memory_format=torch.contiguous_format)
-    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))
+    last = t.dim() - 1
+
+    def outer_first(i):
+        free = t.stride(i) == 0 or t.shape[i] == 1
+        return (0 if free else 1, -t.stride(i), i)
+
+    order = sorted(range(last), key=outer_first) + [last]
     dense = torch.empty([t.shape[i] for i in order], device=t.device, dtype=t.dtype)
     return dense.permute([order.index(i) for i in range(t.dim())])
 

@@ -17,17 +17,28 @@ from collat.kernels.attention import (
     CrossAttentionFunction,
     _cross_attention_fwd,
 )
+from collat.ops import reference
 
 
 def _sdpa_fallback(q, k, v, key_padding_mask):
+    """F.scaled_dot_product_attention with the op's contract: padding keys ignored whatever they hold,
+    all-padding rows zeros, a non-finite query row NaN (as the reference gives)."""
+    if 0 in q.shape or k.shape[2] == 0:
+        return reference.cross_attention(q, k, v, key_padding_mask)  # SDPA dies on some empty shapes (H = 0)
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v)
+        # SDPA's CPU kernel turns a NaN/inf query row into zeros; the reference gives NaN.
+        return out + 0 * q.sum(dim=-1, keepdim=True)
     all_padding = key_padding_mask.all(dim=1)  # [B]
+    padding = key_padding_mask[:, None, :, None]
+    # Zeroed padding keys: SDPA masks a score by adding -inf (NaN stays NaN) and multiplies the
+    # values by a zero weight (0 * NaN = NaN).
+    k, v = k.masked_fill(padding, 0), v.masked_fill(padding, 0)
     # SDPA gives NaN for a row with no visible key: let such rows see every key, then zero them
-    # (the multiplication also zeroes their gradients).
+    # (torch.where also zeroes their gradients).
     attend = ~(key_padding_mask & ~all_padding[:, None])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
-    return out * (~all_padding).to(out.dtype)[:, None, None, None]
+    return torch.where(all_padding[:, None, None, None], 0, out)
 
 
 def _check_inputs(q, k, v, key_padding_mask, fp32_precision) -> None:

@@ -102,11 +102,17 @@ def cross_attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for q [B, H, Nq, d], k/v [B, H, Nk, d].
 
-    key_padding_mask: bool [B, Nk], True = padding key (ignored). A row with every key masked gives
-    zeros (and zero gradients), not NaN. Computed in the inputs' dtype.
+    key_padding_mask: bool [B, Nk], True = padding key (ignored: whatever its k and v hold, even NaN,
+    never reaches an output, and it gets zero gradients). A row with every key masked, or with no key
+    at all, gives zeros (and zero gradients), not NaN. Computed in the inputs' dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(padding, 0), v.masked_fill(padding, 0)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if k.shape[-2] == 0:
+        return torch.matmul(scores, v)  # no keys: zeros [B, H, Nq, d]
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], -math.inf)
     row_max = scores.amax(dim=-1, keepdim=True)

@@ -443,3 +443,116 @@ def test_sm_scale_matches_definition():
     out = cross_attention(q, k, v)
     weight = math.exp(16 / 4) / (1 + math.exp(16 / 4))
     torch.testing.assert_close(out, torch.full_like(out, weight))
+
+
+def layout(shape, kind):
+    """(shape of a leaf, a function viewing the leaf as `shape` [B, H, N, d] with the given layout)."""
+    B, H, N, D = shape
+    return {
+        "contiguous": ((B, H, N, D), lambda t: t),
+        "expand_batch": ((1, H, N, D), lambda t: t.expand(B, H, N, D)),  # stride 0 over B
+        "expand_batch_and_heads": ((1, 1, N, D), lambda t: t.expand(B, H, N, D)),  # stride 0 over B and H
+        "expand_rows": ((B, H, 1, D), lambda t: t.expand(B, H, N, D)),  # stride 0 over N
+        "transposed": ((B, H, D, N), lambda t: t.transpose(2, 3)),  # last-dim stride != 1
+        "offset": ((B + 1, H, N + 2, D + 3), lambda t: t[1:, :, 2:, 3:]),  # starts inside its storage
+    }[kind]
+
+
+LAYOUTS = ["contiguous", "expand_batch", "expand_batch_and_heads", "expand_rows", "transposed", "offset"]
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "kv"])
+@pytest.mark.parametrize("kind", LAYOUTS[1:])
+def test_every_input_layout_gives_the_contiguous_result(which, kind, monkeypatch):
+    # Issue 17.1: stride-0 inputs made the launcher allocate out/dq/dk/dv with a last-dim stride != 1,
+    # which the kernels do not support (outputs off by up to 1e28). Buffers start as NaN.
+    allocate = attention._empty_in_layout_of
+    monkeypatch.setattr(attention, "_empty_in_layout_of", lambda t: allocate(t).fill_(float("nan")))
+    B, H, NQ, NK, D = 2, 2, 5, 7, 16
+    leaves, views = {}, {}
+    for name, n in (("q", NQ), ("k", NK), ("v", NK)):
+        leaf_shape, views[name] = layout((B, H, n, D), kind if name in which else "contiguous")
+        leaves[name] = torch.randn(leaf_shape, device=DEVICE, requires_grad=True)
+    mask = make_mask(B, NK, "tail")
+    grad = torch.randn(B, H, NQ, D, device=DEVICE)
+    out = cross_attention(*(views[n](leaves[n]) for n in "qkv"), mask)
+    out.backward(grad)
+    ours = [out.detach()] + [leaves[n].grad for n in "qkv"]
+    doubles = {n: leaves[n].detach().double().requires_grad_() for n in "qkv"}
+    ref_out = reference.cross_attention(*(views[n](doubles[n]) for n in "qkv"), mask)
+    ref_out.backward(grad.double())
+    refs = [ref_out.detach()] + [doubles[n].grad for n in "qkv"]
+    for name, o, r in zip(["out", "dq", "dk", "dv"], ours, refs):
+        assert o.shape == r.shape, name
+        torch.testing.assert_close(o.double(), r, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+BACKENDS = {
+    "ours": cross_attention,  # Triton (CUDA, or the interpreter on CPU)
+    "sdpa_fallback": attention_front._sdpa_fallback,  # CPU tensors outside the interpreter
+    "reference": reference.cross_attention,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_padding_keys_are_ignored(backend, where, value):
+    # Issue 17.2: a NaN/inf in a padding key reached the unpadded queries (SDPA fallback: through the
+    # additive -inf mask; every backend: through 0 * NaN in P V and in dS K).
+    fn = BACKENDS[backend]
+    device = "cpu" if backend == "sdpa_fallback" else DEVICE
+    B, H, NQ, NK, D = 2, 2, 5, 9, 16
+    q, k, v = make_inputs(B, H, NQ, NK, D, torch.float32, device=device)
+    mask = torch.zeros(B, NK, dtype=torch.bool, device=device)
+    mask[:, 6:] = True
+    mask[1] = True  # an item with no visible key
+    grad = torch.randn(B, H, NQ, D, device=device)
+    clean_out, clean_grads = run(fn, q, k, v, mask, grad)
+    poisoned = {"k": k.detach().clone(), "v": v.detach().clone()}
+    poisoned[where][:, :, 7] = value
+    poisoned[where][1, :, 2] = value  # inside the all-padding item
+    out, grads = run(fn, q, poisoned["k"], poisoned["v"], mask, grad)
+    torch.testing.assert_close(out, clean_out, atol=1e-6, rtol=1e-5)
+    for name, g, clean in zip("qkv", grads, clean_grads):
+        torch.testing.assert_close(g, clean, atol=1e-6, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+        assert torch.isfinite(g).all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_non_finite_query_row_gives_nan_there_only(backend, with_mask):
+    # Issue 17.2: SDPA's CPU kernel gave 0.0 for a NaN query row; the reference gives NaN.
+    fn = BACKENDS[backend]
+    device = "cpu" if backend == "sdpa_fallback" else DEVICE
+    B, H, NQ, NK, D = 2, 2, 5, 9, 16
+    q, k, v = (t.detach() for t in make_inputs(B, H, NQ, NK, D, torch.float32, device=device))
+    mask = None
+    if with_mask:
+        mask = torch.zeros(B, NK, dtype=torch.bool, device=device)
+        mask[0, 6:] = True
+    clean = fn(q, k, v, mask)
+    for value in (math.nan, math.inf):
+        bad = q.clone()
+        bad[0, 1, 3] = value
+        out = fn(bad, k, v, mask)
+        assert out[0, 1, 3].isnan().all(), (value, out[0, 1, 3])
+        out[0, 1, 3] = clean[0, 1, 3]
+        torch.testing.assert_close(out, clean, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 2, 5, 7, 16), (2, 0, 5, 7, 16), (2, 2, 0, 7, 16), (2, 2, 5, 0, 16), (0, 0, 0, 0, 16)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_every_empty_dimension_on_every_backend(backend, shape, with_mask):
+    # Issue 17.12: H = 0 killed the process (SIGFPE inside SDPA); Nk = 0 broke the reference (amax).
+    fn = BACKENDS[backend]
+    device = "cpu" if backend == "sdpa_fallback" else DEVICE
+    B, H, NQ, NK, D = shape
+    q, k, v = make_inputs(B, H, NQ, NK, D, torch.float32, device=device)
+    mask = torch.zeros(B, NK, dtype=torch.bool, device=device) if with_mask else None
+    out = fn(q, k, v, mask)
+    assert out.shape == (B, H, NQ, D) and (out == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
