@@ -53,3 +53,54 @@ def _patch_interpreter_index() -> None:
 
 if INTERPRET:
     _patch_interpreter_index()
+
+
+def _arg_key(arg) -> object:
+    """What Triton specializes a kernel on, for one runtime argument: a tensor's dtype and 16-byte
+    alignment, an int's value 1, divisibility by 16 and width (tests check this against Triton's own
+    specialization), the type of anything else."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if type(arg) is int:
+        return arg == 1, arg % 16 == 0, -0x80000000 <= arg <= 0x7FFFFFFF, arg >= 0x8000000000000000
+    return type(arg)
+
+
+class Launcher:
+    """Launches one Triton kernel: `launcher(grid, args, constexprs, traced=False, **options)`.
+
+    args are the runtime arguments in the kernel's order; constexprs (by name) must be the
+    parameters that follow them. On CUDA, the first launch of a specialization goes through
+    JITFunction.run (which compiles), and later ones straight to that compiled kernel's launcher:
+    JITFunction.run re-binds and re-specializes every argument and rebuilds its cache key on each
+    call, which at 30-45 arguments costs more host time than these kernels take on the GPU.
+    Elsewhere (the interpreter) every launch goes through the kernel as written; traced=True (inside
+    a torch.library.triton_op) goes through torch.library.wrap_triton so that torch.compile sees it.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled: dict = {}
+
+    @staticmethod
+    def cacheable(args) -> bool:
+        """Compiled kernels exist on CUDA only; the interpreter runs the Python function each time."""
+        return not INTERPRET and args[0].device.type == "cuda"
+
+    def __call__(self, grid, args, constexprs: dict, traced: bool = False, **options):
+        if traced:
+            from torch.library import wrap_triton
+
+            return wrap_triton(self.kernel)[grid](*args, **constexprs, **options)
+        if not self.cacheable(args):
+            return self.kernel[grid](*args, **constexprs, **options)
+        key = (tuple(constexprs.values()), tuple(options.values()), tuple(_arg_key(a) for a in args))
+        compiled = self.compiled.get(key)
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        if compiled is None:
+            following = self.kernel.arg_names[len(args):]
+            if list(constexprs) != following:  # the cached launch passes them by position
+                raise ValueError(f"{self.kernel.__name__}: constexprs must be {following} in order, got {list(constexprs)}")
+            self.compiled[key] = self.kernel[grid](*args, **constexprs, **options)
+            return
+        compiled[grid](*args, *constexprs.values())

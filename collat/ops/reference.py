@@ -85,14 +85,19 @@ def optimal_match(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tenso
 def token_l1_loss(pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """L_ct: sum over valid (b, j) of |pred[b, perm[b, j]] - target[b, j]|_1 / (D * #valid); 0 if none.
 
-    Returns an fp32 scalar (float64 when an input is float64). Differentiable in pred and target.
+    An entry is valid when 0 <= perm[b, j] < Np; any other value (-1, or out of range) is ignored,
+    as in the kernels; what invalid target rows and unmatched predicted rows hold (even NaN) never
+    reaches the loss. Returns an fp32 scalar (float64 when an input is float64). Differentiable in
+    pred and target.
     """
-    D = target.shape[-1]
+    B, num_pred, D = pred.shape
     acc = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
-    valid = perm >= 0
-    index = perm.clamp_min(0)[..., None].expand(-1, -1, D)
+    valid = (perm >= 0) & (perm < num_pred)
+    if num_pred == 0:  # nothing can be valid; gather needs a row to point the invalid entries at
+        pred = torch.cat([pred, pred.new_zeros(B, 1, D)], dim=1)
+    index = torch.where(valid, perm, 0)[..., None].expand(-1, -1, D)
     gathered = pred.gather(1, index).to(acc)
-    per_token = (gathered - target.to(acc)).abs().sum(dim=-1) * valid
+    per_token = torch.where(valid, (gathered - target.to(acc)).abs().sum(dim=-1), 0)
     count = valid.sum()
     return per_token.sum() / (count.clamp_min(1) * D).to(acc)
 

@@ -79,7 +79,8 @@ def token_l1_loss(
     Differentiable in pred and target; gradients come in the input dtype.
 
     validate=True also checks the values of perm (range, distinctness), which synchronises with
-    the device; by default out-of-range entries are ignored and repeated ones are undefined.
+    the device; by default out-of-range entries (< 0 or >= Np) are ignored on every backend, and
+    repeated ones are undefined.
     CUDA tensors run the Triton kernels, CPU tensors run them in the Triton interpreter when
     TRITON_INTERPRET=1 and otherwise the PyTorch reference.
     """
