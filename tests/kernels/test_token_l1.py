@@ -364,6 +364,38 @@ def test_a_call_interrupted_mid_launch_leaves_later_calls_exact(interrupt_at, mo
             torch.testing.assert_close(o.double(), e, rtol=1e-5, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
+def _independent_loss(pred, target, perm):
+    """The loss of the docstring, by a loop in float64 over the entries with 0 <= perm[b, j] < Np."""
+    B, Np, D = pred.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        for j in range(perm.shape[1]):
+            i = int(perm[b, j])
+            if 0 <= i < Np:
+                total += float((pred[b, i].double() - target[b, j].double()).abs().sum())
+                count += 1
+    return total / (max(count, 1) * D)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference_fallback"])
+def test_out_of_range_perm_entries_and_what_invalid_rows_hold_are_ignored(backend, monkeypatch):
+    # Issue 17.16: the fallback raised "index 7 is out of bounds" for perm >= Np, although the
+    # docstring says such entries are ignored; an invalid target row or an unmatched predicted row
+    # holding NaN must not reach the loss or any gradient either.
+    if backend == "reference_fallback":
+        monkeypatch.setattr("collat.kernels._utils.INTERPRET", False)
+    pred, target, _ = make_inputs(2, 7, 9, 5, torch.float32, device="cpu")
+    perm = torch.tensor([[0, 7, 3, -1, 12, -5, 6, 2, 1], [9, -1, -1, 4, 0, 7, 100, 5, -2]])
+    target[0, 1] = math.nan  # perm 7 >= Np: invalid
+    target[1, 2] = math.inf  # perm -1
+    pred[1, 6] = math.nan  # matched by nobody
+    loss, grad_pred, grad_target = loss_and_grads(token_l1_loss, pred, target, perm, torch.tensor(1.0))
+    assert math.isclose(loss.item(), _independent_loss(pred, target, perm), rel_tol=1e-6)
+    expected_pred, expected_target = _independent_sign_gradients(pred, target, perm, torch.float32)
+    torch.testing.assert_close(grad_pred, expected_pred, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_target, expected_target, rtol=1e-6, atol=0)
+
+
 def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
     monkeypatch.setattr("collat.kernels._utils.INTERPRET", False)  # the dispatch follows the import-time snapshot
     pred, target, perm = make_inputs(2, 13, 13, 20, torch.float32, device="cpu")
