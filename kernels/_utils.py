@@ -78,9 +78,20 @@ class Launcher:
     a torch.library.triton_op) goes through torch.library.wrap_triton so that torch.compile sees it.
     """
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, writes: tuple[str, ...]):
         self.kernel = kernel
+        self.writes = writes  # the pointer arguments the kernel stores to (tests check them against its code)
         self.compiled: dict = {}
+        self._twin = None
+
+    def traceable(self):
+        """The kernel as torch.library.wrap_triton takes it: a JITFunction. The interpreter's kernels
+        are not JITFunctions, so there a JITFunction twin runs the interpreted kernel when launched."""
+        if not INTERPRET:
+            return self.kernel
+        if self._twin is None:
+            self._twin = _InterpretedJIT(self.kernel, self.writes)
+        return self._twin
 
     @staticmethod
     def cacheable(args) -> bool:
@@ -91,7 +102,7 @@ class Launcher:
         if traced:
             from torch.library import wrap_triton
 
-            return wrap_triton(self.kernel)[grid](*args, **constexprs, **options)
+            return wrap_triton(self.traceable())[grid](*args, **constexprs, **options)
         if not self.cacheable(args):
             return self.kernel[grid](*args, **constexprs, **options)
         key = (tuple(constexprs.values()), tuple(options.values()), tuple(_arg_key(a) for a in args))
@@ -104,3 +115,59 @@ class Launcher:
             self.compiled[key] = self.kernel[grid](*args, **constexprs, **options)
             return
         compiled[grid](*args, *constexprs.values())
+
+
+def _interpreted_jit_class():
+    from triton.runtime.jit import JITFunction
+
+    class InterpretedJIT(JITFunction):
+        """A JITFunction (what torch.library.wrap_triton accepts) whose launches run the interpreted
+        kernel: lets torch.compile trace the triton_ops under TRITON_INTERPRET=1. Inductor itself
+        cannot compile user Triton kernels without a GPU driver, so on CPU this serves the tracing
+        backends (aot_eager) and torch.library.opcheck."""
+
+        def __init__(self, interpreted, writes):
+            super().__init__(interpreted.fn)
+            self.interpreted = interpreted
+            self.writes = writes
+
+        def run(self, *args, grid, warmup, **kwargs):
+            return self.interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+        @property
+        def cache_key(self):  # JITFunction hashes its source and callees, which it cannot do for interpreted ones
+            return f"interpreted:{self.fn.__module__}.{self.fn.__qualname__}"
+
+        def __hash__(self):
+            return hash(self.cache_key)
+
+    return InterpretedJIT
+
+
+def _InterpretedJIT(interpreted, writes):
+    return _interpreted_jit_class()(interpreted, writes)
+
+
+def _declared_writes_for_interpreted_kernels() -> None:
+    """torch finds the arguments a wrapped kernel writes by lowering it to TTIR, which needs a GPU
+    driver (and JIT callees); without one it assumes every tensor argument is written, and then
+    functionalization rewires saved forward outputs through the backward's kernels and AOT autograd
+    cannot partition the graph. The interpreter's twins declare their writes (Launcher(writes=...))."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    analyse = triton_kernel_wrap.identify_mutated_tensors
+    if getattr(analyse, "_collat_declared_writes", False):
+        return
+
+    def identify_mutated_tensors(kernel, kwargs, *rest):
+        for candidate in (kernel, getattr(kernel, "fn", None)):  # torch may wrap it in an Autotuner
+            if hasattr(candidate, "interpreted"):
+                return [name for name in candidate.writes if isinstance(kwargs.get(name), torch.Tensor)]
+        return analyse(kernel, kwargs, *rest)
+
+    identify_mutated_tensors._collat_declared_writes = True
+    triton_kernel_wrap.identify_mutated_tensors = identify_mutated_tensors
+
+
+if INTERPRET:
+    _declared_writes_for_interpreted_kernels()

@@ -272,9 +272,9 @@ CPU_CONFIG = GridPolicy(
 BWD_BLOCK = 4096
 BWD_NUM_WARPS = 8
 
-_prepare = Launcher(_prepare_kernel)
-_forward = Launcher(_token_l1_fwd_kernel)
-_backward = Launcher(_token_l1_bwd_kernel)
+_prepare = Launcher(_prepare_kernel, writes=("work_ptr", "counter_ptr"))
+_forward = Launcher(_token_l1_fwd_kernel, writes=("grad_pred_ptr", "grad_target_ptr", "work_ptr", "loss_ptr", "counter_ptr"))
+_backward = Launcher(_token_l1_bwd_kernel, writes=("grad_a_ptr", "grad_b_ptr"))
 
 # (device type, index, stream) -> (fp32 workspace, int32 ticket): reused by every call on that stream.
 # Kernels on one stream never overlap, and nothing in the workspace outlives the forward call.
@@ -304,8 +304,8 @@ def _launch_forward(pred, target, perm, want_grad_pred: bool, want_grad_target: 
     """Runs the prepare and forward kernels. Returns (loss_and_scale fp32 [2], grad_pred or None,
     grad_target or None): the loss, 1/(D * #valid), and gradient buffers holding
     sign(diff) * stored scale until the backward kernel runs."""
-    B, Np, D = pred.shape
-    Nt = target.shape[1]
+    B, Np, D = map(int, pred.shape)  # int(): under torch.compile, block sizes need static shapes
+    Nt = int(target.shape[1])
     device = pred.device
     on_cuda = device.type == "cuda"
     cfg = CUDA_CONFIG if on_cuda else CPU_CONFIG
@@ -334,7 +334,7 @@ def _launch_forward(pred, target, perm, want_grad_pred: bool, want_grad_target: 
     _forward(
         (grid,),
         (pred, target, perm, grad_pred if want_grad_pred else work, grad_target if want_grad_target else work,
-         work, loss, counter, B, Np, Nt, D, flags_offset, tiles_offset, *pred.stride(), *target.stride(),
+         work, loss, counter, B, Np, Nt, D, flags_offset, tiles_offset, *map(int, pred.stride()), *map(int, target.stride()),
          num_tiles, tiles_per_item),
         dict(BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_B=min(triton.next_power_of_2(B), 1024),
              BLOCK_FINAL=min(triton.next_power_of_2(num_tiles), 1024), WRITE_GRAD_PRED=want_grad_pred,
@@ -357,14 +357,15 @@ def _launch_backward(grad_loss, loss, grad_pred, grad_target, traced: bool = Fal
         return
     a = buffers[0]
     b = buffers[1] if len(buffers) > 1 else a
-    numel_b = b.numel() if len(buffers) > 1 else 0
-    blocks_a = triton.cdiv(a.numel(), BWD_BLOCK)
+    numel_a = int(a.numel())
+    numel_b = int(b.numel()) if len(buffers) > 1 else 0
+    blocks_a = triton.cdiv(numel_a, BWD_BLOCK)
     num_blocks = blocks_a + triton.cdiv(numel_b, BWD_BLOCK)
     # Few programs: with g == 1 (the usual loss.backward()) they all return at once.
     programs = num_sms(a.device.index) * CUDA_CONFIG.bwd_programs_per_sm if a.is_cuda else 2
     _backward(
         (min(num_blocks, programs),),
-        (grad_loss, loss, a, a.numel(), b, numel_b, blocks_a, num_blocks),
+        (grad_loss, loss, a, numel_a, b, numel_b, blocks_a, num_blocks),
         dict(BLOCK=BWD_BLOCK, PRESCALED=prescaled(a.dtype)),
         traced, num_warps=BWD_NUM_WARPS,
     )
@@ -419,3 +420,47 @@ class TokenL1LossFunction(torch.autograd.Function):
             ctx.grad_pred = ctx.grad_target = None
             _launch_backward(grad_loss, loss, grad_pred, grad_target)
         return grad_pred, grad_target, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops (torch.library.triton_op: torch.compile traces into the kernels) + autograd
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("collat::token_l1_fwd", mutates_args=())
+def token_l1_fwd(
+    pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, want_grad_pred: bool, want_grad_target: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_and_scale fp32 [2], grad_pred buffer, grad_target buffer); a buffer that is not wanted
+    is an empty tensor. The loss is loss_and_scale[0]."""
+    B, Nt = perm.shape
+    if B == 0 or Nt == 0:
+        loss = torch.zeros(2, dtype=torch.float32, device=pred.device)
+        grad_pred, grad_target = torch.zeros_like(pred), torch.zeros_like(target)
+    else:
+        loss, grad_pred, grad_target = _launch_forward(pred, target, perm, want_grad_pred, want_grad_target, traced=True)
+    return loss, grad_pred if want_grad_pred else pred.new_empty(0), grad_target if want_grad_target else target.new_empty(0)
+
+
+@torch.library.triton_op("collat::token_l1_bwd", mutates_args=("grad_pred", "grad_target"))
+def token_l1_bwd(grad_loss: torch.Tensor, loss: torch.Tensor, grad_pred: torch.Tensor, grad_target: torch.Tensor) -> None:
+    """Scales the forward's gradient buffers in place for the incoming gradient grad_loss[0]."""
+    _launch_backward(grad_loss, loss, grad_pred, grad_target, traced=True)
+
+
+def _l1_setup_context(ctx, inputs, output):
+    _, _, _, want_grad_pred, want_grad_target = inputs
+    loss, grad_pred, grad_target = output
+    ctx.want = (want_grad_pred, want_grad_target)
+    ctx.save_for_backward(loss, grad_pred, grad_target)
+    ctx.mark_non_differentiable(grad_pred, grad_target)
+
+
+def _l1_backward(ctx, grad_loss, _grad_pred, _grad_target):
+    loss, grad_pred, grad_target = ctx.saved_tensors
+    token_l1_bwd(grad_loss.contiguous(), loss, grad_pred, grad_target)
+    want_grad_pred, want_grad_target = ctx.want
+    return grad_pred if want_grad_pred else None, grad_target if want_grad_target else None, None, None, None
+
+
+token_l1_fwd.register_autograd(_l1_backward, setup_context=_l1_setup_context)

@@ -50,7 +50,7 @@ class FakeKernel:
 def test_later_launches_reuse_the_compiled_kernel_of_their_specialization(monkeypatch):
     monkeypatch.setattr(_utils.Launcher, "cacheable", staticmethod(lambda args: True))
     kernel = FakeKernel()
-    launch = _utils.Launcher(kernel)
+    launch = _utils.Launcher(kernel, writes=("x",))
     x = torch.zeros(64)
     launch((4,), (x, 32), dict(BLOCK=16, FLAG=True), num_warps=4)
     launch((5,), (x, 48), dict(BLOCK=16, FLAG=True), num_warps=4)  # same specialization
@@ -73,12 +73,91 @@ def test_later_launches_reuse_the_compiled_kernel_of_their_specialization(monkey
 def test_constexprs_out_of_order_are_refused(monkeypatch):
     monkeypatch.setattr(_utils.Launcher, "cacheable", staticmethod(lambda args: True))
     with pytest.raises(ValueError, match=r"constexprs must be \['BLOCK', 'FLAG'\] in order"):
-        _utils.Launcher(FakeKernel())((1,), (torch.zeros(4), 16), dict(FLAG=True, BLOCK=16))
+        _utils.Launcher(FakeKernel(), writes=("x",))((1,), (torch.zeros(4), 16), dict(FLAG=True, BLOCK=16))
 
 
 def test_without_cuda_every_launch_runs_the_kernel_as_written():
     kernel = FakeKernel()
-    launch = _utils.Launcher(kernel)
+    launch = _utils.Launcher(kernel, writes=("x",))
     for _ in range(2):
         launch((2,), (torch.zeros(4), 16), dict(BLOCK=16, FLAG=False), num_warps=4)
     assert [c[0] for c in kernel.calls] == ["jit", "jit"] and not launch.compiled
+
+
+STORING_CALLS = {"store", "atomic_add", "atomic_xchg", "atomic_cas", "atomic_max", "atomic_min", "atomic_and", "atomic_or"}
+
+
+def pointers_stored_to(fn) -> set[str]:
+    """Parameters of a Triton kernel that a tl.store / tl.atomic_* address derives from, following
+    assignments (an over-approximation, to a fixpoint)."""
+    import ast
+    import inspect
+    import textwrap
+
+    function = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    roots = {arg.arg: {arg.arg} for arg in function.args.args}
+
+    def names_in(node) -> set[str]:  # a loaded value is data, not an address: tl.load(...) is a leaf
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+            return set()
+        if isinstance(node, ast.Name):
+            return {node.id}
+        return set().union(set(), *(names_in(child) for child in ast.iter_child_nodes(node)))
+
+    changed = True
+    while changed:
+        changed = False
+        for node in ast.walk(function):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                found = set().union(*(roots.get(n, set()) for n in names_in(node.value)))
+                name = node.targets[0].id
+                if not found <= roots.get(name, set()):
+                    roots[name] = roots.get(name, set()) | found
+                    changed = True
+    stored = set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in STORING_CALLS:
+            stored |= set().union(*(roots.get(n, set()) for n in names_in(node.args[0])))
+    return stored
+
+
+def test_declared_writes_are_what_each_kernel_stores_to(monkeypatch):
+    # torch.compile relies on Launcher.writes under the interpreter (the twin kernels declare them): an
+    # undeclared write would be lost by functionalization. Every launch of the ops' paths is recorded;
+    # its tensor arguments that the kernel's code stores to must be exactly the declared ones, and
+    # every tensor a launch changed must be declared.
+    from collat.kernels import attention, token_l1
+
+    launches = {}
+    real_call = _utils.Launcher.__call__
+
+    def recording_call(self, grid, args, constexprs, traced=False, **options):
+        tensors = {name: a for name, a in zip(self.kernel.arg_names, args) if isinstance(a, torch.Tensor)}
+        before = {name: t.clone() for name, t in tensors.items()}
+        result = real_call(self, grid, args, constexprs, traced, **options)
+        changed = {name for name, t in tensors.items() if not torch.equal(t, before[name])}
+        launches.setdefault(self, [set(), set()])
+        launches[self][0] |= set(tensors)
+        launches[self][1] |= changed
+        return result
+
+    monkeypatch.setattr(_utils.Launcher, "__call__", recording_call)
+    q, k, v = (torch.randn(2, 2, n, 16) for n in (5, 300, 300))
+    mask = torch.zeros(2, 300, dtype=torch.bool)
+    mask[1, 100:] = True
+    out, lse = attention.attention_forward(q, k, v, mask)
+    grad = torch.randn_like(out)
+    for mode, splits in (("fused", 3), ("split", None)):
+        config = attention.LaunchConfig(64, 4, 1, num_splits=splits)
+        attention.attention_backward(grad, q, k, v, out, lse, mask, config=config, mode=mode)
+    pred, target = torch.randn(3, 7, 9), torch.randn(3, 7, 9)
+    perm = torch.tensor([[0, 1, 2, -1, 4, 5, 6]] * 3)
+    loss, grad_pred, grad_target = token_l1._launch_forward(pred, target, perm, True, True)
+    token_l1._launch_backward(torch.tensor(0.5), loss, grad_pred, grad_target)
+    expected = {attention._forward, attention._bwd_fused, attention._bwd_dq, attention._bwd_dkdv,
+                token_l1._prepare, token_l1._forward, token_l1._backward}
+    assert set(launches) == expected
+    for launcher, (tensor_args, changed) in launches.items():
+        name = launcher.kernel.__name__
+        assert set(launcher.writes) == pointers_stored_to(launcher.kernel.fn) & tensor_args, name
+        assert changed <= set(launcher.writes), (name, changed)

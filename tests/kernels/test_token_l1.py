@@ -396,6 +396,35 @@ def test_out_of_range_perm_entries_and_what_invalid_rows_hold_are_ignored(backen
     torch.testing.assert_close(grad_target, expected_target, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("want", [(True, False), (False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("B", [0, 3])
+def test_custom_op_passes_opcheck(want, B):
+    pred, target, perm = make_inputs(B, 9, 7, 17, torch.float32)
+    pred.requires_grad_(want[0])
+    target.requires_grad_(want[1])
+    torch.library.opcheck(torch.ops.collat.token_l1_fwd.default, (pred, target, perm, *want))
+
+
+def test_torch_compile_traces_into_the_kernels():
+    # torch.library.triton_op: the compiled graphs hold the Triton kernels (triton_kernel_wrapper_*),
+    # and the results equal eager bit for bit, for g == 1 and another g. On CPU the interpreter runs
+    # them under aot_eager (Inductor cannot compile user Triton kernels without a GPU driver).
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    pred, target, perm = make_inputs(3, 13, 11, 33, torch.float32)
+    backend = AotEagerAndRecordGraphs() if DEVICE == "cpu" else "inductor"
+    step = lambda p, t, m: 3 * token_l1_loss(p, t, m)  # noqa: E731
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    for g in (1.0 / 3, 0.7):
+        ours = loss_and_grads(compiled, pred, target, perm, torch.tensor(g))
+        eager = loss_and_grads(step, pred, target, perm, torch.tensor(g))
+        for a, b in zip(ours, eager):
+            assert torch.equal(a, b)
+    if DEVICE == "cpu":
+        assert "triton_kernel_wrapper" in str(backend.fw_graphs[0].code)
+        assert "triton_kernel_wrapper" in str(backend.bw_graphs[0].code)
+
+
 def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
     monkeypatch.setattr("collat.kernels._utils.INTERPRET", False)  # the dispatch follows the import-time snapshot
     pred, target, perm = make_inputs(2, 13, 13, 20, torch.float32, device="cpu")
