@@ -661,18 +661,23 @@ def attention_backward(
     config: LaunchConfig | None = None,
     mode: str = "auto",
     traced: bool = False,
+    kv_grads: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv. mode: "fused" (one kernel per head; needs Nq <= 128), "split" (FA2's dq kernel +
-    dk/dv kernel, any Nq) or "auto" (fused where it applies)."""
+    dk/dv kernel, any Nq) or "auto" (fused where it applies). kv_grads: where to write dk and dv
+    (tensors of k's shape with a unit last-dim stride, e.g. slots of one buffer for several calls)."""
     B, H, NQ, D = map(int, q.shape)  # int(): under torch.compile, block sizes need static shapes
     NK = int(k.shape[2])
     grad_out = _unit_last_stride(grad_out)
     buffers, (dq, dk, dv) = zip(*(_empty_in_layout_of(t) for t in (q, k, v)))
+    if kv_grads is not None:
+        dk, dv = kv_grads
+        buffers, (dq, dk, dv) = (buffers[0], dk, dv), (dq, dk, dv)
     if B * H == 0:
         return dq, dk, dv
     if NQ == 0 or NK == 0:  # nothing attends: every gradient is zero
-        for buffer in buffers:
-            buffer.zero_()
+        for grad in (dq, dk, dv):
+            grad.zero_()
         return dq, dk, dv
     if mode == "auto":
         mode = "fused" if NQ <= FUSED_BACKWARD_MAX_NQ else "split"
@@ -750,20 +755,54 @@ def _backward(ctx, grad_out, grad_lse):
 _cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class KVGradients:
+    """One gradient buffer [B, M, slots, D] for the K and V of several cross_attention calls whose k
+    and v are head views of slots of one projection [B, M, slots, D] (TokenInteraction's fused K/V):
+    each call's backward writes its dk and dv straight into their slots (`slot`), so the projection
+    receives one gradient without a stack of 2 * depth tensors. Allocated at the first backward."""
+
+    def __init__(self, projection: torch.Tensor):
+        self.shape, self.dtype, self.device = projection.shape, projection.dtype, projection.device
+        self.buffer: torch.Tensor | None = None
+
+    def slot(self, index: int, num_heads: int) -> torch.Tensor:
+        """Slot `index` as the gradient of a head view [B, H, M, D / H]."""
+        if self.buffer is None:
+            self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        B, M, _, D = self.shape
+        return self.buffer[:, :, index].view(B, M, num_heads, D // num_heads).transpose(1, 2)
+
+    def holds(self, index: int, grad: torch.Tensor | None) -> bool:
+        """Whether `grad` (the gradient of slot `index`, [B, M, D]) is that slot of the buffer itself."""
+        if grad is None or self.buffer is None:
+            return False
+        own = self.buffer[:, :, index]
+        return grad.data_ptr() == own.data_ptr() and grad.shape == own.shape and grad.stride() == own.stride()
+
+
 class CrossAttentionFunction(torch.autograd.Function):
     """The eager path: the same launchers without the custom-op dispatch, which costs several times
     more host time per call than the kernels take on the GPU at the real shape."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, fp32_precision):
+    def forward(ctx, q, k, v, key_padding_mask, fp32_precision, kv_gradients=None):
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         out, lse = attention_forward(q, k, v, key_padding_mask, fp32_precision)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.fp32_precision = fp32_precision
+        ctx.kv_gradients = kv_gradients  # (KVGradients, slot of k, slot of v) or None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, ctx.fp32_precision)
-        return dq, dk, dv, None, None
+        kv_grads = None
+        if ctx.kv_gradients is not None:
+            gradients, k_slot, v_slot = ctx.kv_gradients
+            destinations = (gradients.slot(k_slot, k.shape[1]), gradients.slot(v_slot, v.shape[1]))
+            if all(d.shape == t.shape and d.dtype == t.dtype for d, t in zip(destinations, (k, v))):
+                kv_grads = destinations
+        dq, dk, dv = attention_backward(
+            grad_out, q, k, v, out, lse, key_padding_mask, ctx.fp32_precision, kv_grads=kv_grads
+        )
+        return dq, dk, dv, None, None, None

@@ -15,6 +15,7 @@ from collat.kernels.attention import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
     CrossAttentionFunction,
+    KVGradients,
     _cross_attention_fwd,
 )
 from collat.ops import reference
@@ -84,6 +85,7 @@ def cross_attention(
     key_padding_mask: torch.Tensor | None = None,
     *,
     fp32_precision: str = "tf32x3",
+    kv_gradients: tuple | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for q [B, H, Nq, d], k and v [B, H, Nk, d].
 
@@ -94,6 +96,10 @@ def cross_attention(
     fp32_precision (fp32 inputs on the GPU): "tf32x3" (default) splits each fp32 operand into two TF32
     parts and keeps fp32-level accuracy on the tensor cores; "ieee" uses plain fp32 FMAs (exact, slow);
     "tf32" is the fast, ~1e-3-accurate opt-in.
+
+    kv_gradients: optional (KVGradients, slot of k, slot of v): where k and v are head views of
+    slots of one projection, the Triton backward writes dk and dv straight into that projection's
+    gradient buffer (other backends ignore it; the caller stacks their gradients as usual).
     """
     _check_inputs(q, k, v, key_padding_mask, fp32_precision)
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
@@ -101,5 +107,5 @@ def cross_attention(
     if runs_triton(q.device):
         if torch.compiler.is_compiling():
             return _cross_attention_fwd(q, k, v, key_padding_mask, fp32_precision)[0]
-        return CrossAttentionFunction.apply(q, k, v, key_padding_mask, fp32_precision)
+        return CrossAttentionFunction.apply(q, k, v, key_padding_mask, fp32_precision, kv_gradients)
     return _sdpa_fallback(q, k, v, key_padding_mask)

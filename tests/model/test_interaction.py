@@ -192,3 +192,50 @@ def test_gpu_compiled_fused_module_matches_eager():
     out, audio_grad, grads = forward_backward(compiled, audio, None)
     torch.testing.assert_close(out, eager_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(audio_grad, eager_audio_grad, atol=1e-4, rtol=1e-3)
+
+
+def test_fused_backward_writes_every_blocks_dk_dv_into_one_buffer(monkeypatch):
+    # Issue 18.5: the attention backwards write dK/dV of all blocks straight into the fused K/V
+    # projection's gradient buffer; the split node hands that buffer on (no stack of 2 * depth
+    # gradients). Gradients still equal the reference path's.
+    from collat.model import interaction
+
+    handed_on = []
+    real_backward = interaction._SplitKeysValues.backward
+
+    def recording_backward(ctx, *grads):
+        result = real_backward(ctx, *grads)
+        handed_on.append(result[0] is ctx.gradients.buffer)
+        return result
+
+    monkeypatch.setattr(interaction._SplitKeysValues, "backward", staticmethod(recording_backward))
+    module = perturbed_module(depth=3)
+    audio = torch.randn(2, 33, 48, device=DEVICE)
+    mask = torch.rand(2, 33, device=DEVICE) < 0.3
+    ref_out, ref_audio_grad, ref_grads = forward_backward(module, audio, mask)
+    module.ops = FUSED
+    out, audio_grad, grads = forward_backward(module, audio, mask)
+    assert handed_on == [True]
+    torch.testing.assert_close(audio_grad, ref_audio_grad, atol=1e-5, rtol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_second_use_of_a_kv_slot_falls_back_to_stacking():
+    # A gradient that does not come from the attention backward (here: K of block 0 also feeds a
+    # second term) must not be dropped: the split node then stacks the slots' gradients.
+    module = perturbed_module(ops=FUSED)
+    audio = torch.randn(2, 20, 48, device=DEVICE, requires_grad=True)
+    pairs, gradients = module.fused_keys_values(audio)
+    x = module.initial_queries(2, audio)
+    for i, (block, (k, v)) in enumerate(zip(module.blocks, pairs)):
+        x = block.forward_fused(x, k, v, None, kv_gradients=(gradients, 2 * i, 2 * i + 1))
+    (x.sum() + pairs[0][0].sum()).backward()
+    fused_grad = audio.grad.clone()
+    audio.grad = None
+    pairs, _ = module.fused_keys_values(audio)
+    x = module.initial_queries(2, audio)
+    for block, (k, v) in zip(module.blocks, pairs):
+        x = block.forward_fused(x, k, v, None)  # no kv_gradients: plain stacking
+    (x.sum() + pairs[0][0].sum()).backward()
+    torch.testing.assert_close(fused_grad, audio.grad, atol=1e-6, rtol=1e-5)
