@@ -38,20 +38,22 @@ def greedy_match(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor
     """Greedy right-to-left matching of DESIGN.md section 2.
 
     For every item b, text tokens j = L_b-1 .. 0 each take the closest predicted token i that is
-    not yet taken (ties to the smallest i). Returns perm int64 [B, N]; perm[b, j] = -1 for j >= L_b.
+    not yet taken (ties to the smallest i; a NaN distance counts as +inf, as in the kernels, so a
+    row is always matched). Returns perm int64 [B, N]; perm[b, j] = -1 for j >= L_b.
     """
     B, N, _ = target.shape
     perm = torch.full((B, N), -1, dtype=torch.int64, device=target.device)
     if B == 0 or N == 0:
         return perm
-    dist = pairwise_distance(target, pred, metric)
+    dist = pairwise_distance(target, pred, metric).nan_to_num(nan=math.inf, posinf=math.inf)
     lengths = lengths.to(device=target.device, dtype=torch.int64)
     taken = torch.zeros(B, pred.shape[1], dtype=torch.bool, device=target.device)
     rows = torch.arange(B, device=target.device)
     for j in range(N - 1, -1, -1):
         active = j < lengths
         d = dist[:, j, :].masked_fill(taken, math.inf)
-        best = d.argmin(dim=-1)  # first minimum on ties
+        closest = (d == d.amin(dim=-1, keepdim=True)) & ~taken
+        best = closest.int().argmax(dim=-1)  # the first untaken minimum (also when every distance is inf)
         perm[:, j] = torch.where(active, best, perm[:, j])
         taken[rows[active], best[active]] = True
     return perm
@@ -66,14 +68,18 @@ def assignment_cost(pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor
 
 
 def optimal_match(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor, metric: str = "l1") -> torch.Tensor:
-    """Exact rectangular assignment per item with scipy's linear_sum_assignment (the oracle)."""
+    """Exact rectangular assignment per item with scipy's linear_sum_assignment (the oracle). As in
+    the kernels, a NaN cost counts as the largest finite fp32 value and infinities are clamped to it,
+    so that every problem stays feasible."""
     from scipy.optimize import linear_sum_assignment
 
     B, N, _ = target.shape
     perm = torch.full((B, N), -1, dtype=torch.int64)
     if B == 0 or N == 0:
         return perm.to(target.device)
-    dist = pairwise_distance(target, pred, metric).double().cpu().numpy()
+    largest = torch.finfo(torch.float32).max
+    dist = pairwise_distance(target, pred, metric).nan_to_num(nan=largest, posinf=largest, neginf=-largest)
+    dist = dist.double().cpu().numpy()
     for b, length in enumerate(lengths.tolist()):
         if length == 0:
             continue
