@@ -14,6 +14,7 @@ so that it measures what hand-written PyTorch costs.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -51,7 +52,12 @@ class PlainCoLLAT(nn.Module):
                            intermediate_size=4 * hidden, patch_size=16, frequency_stride=patch_stride,
                            time_stride=patch_stride, num_mel_bins=128, max_length=frames)
         self.ast = ASTModel._from_config(config, attn_implementation="sdpa")
-        clip = open_clip.create_model(clip_model)  # random weights
+        previous = logging.root.level
+        logging.root.setLevel(logging.ERROR)  # random weights on purpose: no "no pretrained weights" warning
+        try:
+            clip = open_clip.create_model(clip_model)
+        finally:
+            logging.root.setLevel(previous)
         self.token_embedding, self.transformer, self.ln_final = clip.token_embedding, clip.transformer, clip.ln_final
         self.register_buffer("positional_embedding", clip.positional_embedding.detach().clone())
         self.register_buffer("text_projection", clip.text_projection.detach().clone())

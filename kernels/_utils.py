@@ -105,7 +105,9 @@ class Launcher:
             return wrap_triton(self.traceable())[grid](*args, **constexprs, **options)
         if not self.cacheable(args):
             return self.kernel[grid](*args, **constexprs, **options)
-        key = (tuple(constexprs.values()), tuple(options.values()), tuple(_arg_key(a) for a in args))
+        # A compiled kernel belongs to one device (its module is loaded there), as in Triton's own caches.
+        key = (args[0].get_device(), tuple(constexprs.values()), tuple(options.values()),
+               tuple(_arg_key(a) for a in args))
         compiled = self.compiled.get(key)
         grid = tuple(grid) + (1,) * (3 - len(grid))
         if compiled is None:

@@ -1,15 +1,18 @@
 """cross_attention: softmax(q k^T / sqrt(d) + key padding mask) v, flash-style, in Triton.
 
 Layout of this file (Liger style): Triton kernels, host launchers, the custom ops
-`collat::cross_attention_fwd` / `collat::cross_attention_bwd` with their fake (meta) impls and autograd
-registration (what `torch.compile` sees), and an autograd Function over the same launchers for eager
-mode (cheaper to dispatch). Input validation and the choice of backend live in collat/ops/attention.py.
+`collat::cross_attention_fwd` / `collat::cross_attention_bwd` (torch.library.triton_op: torch.compile
+traces into the kernels, and CUDA graphs can capture them) with their autograd registration, and an
+autograd Function over the same launchers for eager mode (cheaper to dispatch; on CUDA every launch
+after the first of a specialization goes straight to the compiled kernel, see _utils.Launcher). Input
+validation and the choice of backend live in collat/ops/attention.py.
 
 Shapes: q [B, H, Nq, d], k and v [B, H, Nk, d], any Nq / Nk (the real shape is 77 queries x 1212 audio
 keys), head dims 1..128 (padded inside the kernel to a power of two >= 16). Any strides with a unit
 last-dim stride are read in place, so the per-head views `t.view(B, L, H, d).transpose(1, 2)` of a
-projection's output need no copy; the output (and each gradient) has the dimension order of its input, which makes the
-usual merge-heads `transpose(1, 2).reshape(B, Nq, H * d)` free.
+projection's output need no copy; broadcast (stride-0) inputs are read in place too. The output (and
+each gradient) has the dimension order of its input with a unit last-dim stride, which makes the usual
+merge-heads `transpose(1, 2).reshape(B, Nq, H * d)` free.
 
 Numerics: scores and softmax statistics are fp32; fp16/bf16 inputs feed the tensor cores in their own
 dtype (P and dS are rounded to it before their matmuls, as in FlashAttention); fp32 inputs keep
@@ -18,9 +21,14 @@ fp32-level accuracy by default through 3xTF32 products (`fp32_precision="tf32x3"
 padding outputs zeros and gets zero gradients: its log-sum-exp is stored as +inf so that every
 probability recomputed in the backward pass is exp(-inf) = 0.
 
-Backward, deterministic (no atomics): for Nq <= 128 (the real shape) ONE kernel per (head, key split)
-holds all queries' q, dO and the dq accumulator on chip and walks its keys once, storing dk and dv per
-key block (5 matmuls per block; the splits' dq parts are summed in a fixed order). For longer query
+Padding keys are never read (their k and v load as zeros), so whatever they hold, NaN included, cannot
+reach an output or a gradient.
+
+Backward, deterministic (no float atomics): for Nq <= 128 (the real shape) ONE kernel per (head, key
+split) holds all queries' q, dO and the dq accumulator on chip and walks its keys once, storing dk and
+dv per key block (5 matmuls per block). With several splits each stores its dq part in a workspace and
+the split of a head that finishes last (a per-head integer ticket, which it zeroes again) sums the
+parts in split order inside the same launch. For longer query
 sets, and for fp32 tiles too big for shared memory, FlashAttention-2's pair: a dq kernel per query
 block (which also stores delta = rowsum(dO * O)) and a dk/dv kernel per key block. A launch config
 that does not fit the GPU's shared memory gives way to the next one (remembered per shape class).

@@ -121,7 +121,7 @@ def pointers_stored_to(fn) -> set[str]:
     return stored
 
 
-def test_declared_writes_are_what_each_kernel_stores_to(monkeypatch):
+def test_declared_writes_and_constexpr_order_of_every_launch(monkeypatch):
     # torch.compile relies on Launcher.writes under the interpreter (the twin kernels declare them): an
     # undeclared write would be lost by functionalization. Every launch of the ops' paths is recorded;
     # its tensor arguments that the kernel's code stores to must be exactly the declared ones, and
@@ -132,6 +132,8 @@ def test_declared_writes_are_what_each_kernel_stores_to(monkeypatch):
     real_call = _utils.Launcher.__call__
 
     def recording_call(self, grid, args, constexprs, traced=False, **options):
+        # The cached CUDA launch passes the constexprs by position: they must follow args in order.
+        assert list(constexprs) == self.kernel.arg_names[len(args):], self.kernel.__name__
         tensors = {name: a for name, a in zip(self.kernel.arg_names, args) if isinstance(a, torch.Tensor)}
         before = {name: t.clone() for name, t in tensors.items()}
         result = real_call(self, grid, args, constexprs, traced, **options)
