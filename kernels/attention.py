@@ -127,13 +127,14 @@ def _attn_fwd_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + offs_n_base
         n_valid = offs_n < NK
-        nd_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         keep = n_valid
         if HAS_PAD:
             is_pad = tl.load(pad_base + offs_n, mask=n_valid, other=1)
             keep = keep & (is_pad == 0)
+        # Padding keys are not read: whatever they hold (NaN, inf) cannot reach the output.
+        kv_mask = keep[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         s = tl.where(keep[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -142,8 +143,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        # Padding keys' values are never read: a NaN there must not reach the output through 0 * NaN.
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=keep[:, None] & d_valid[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
