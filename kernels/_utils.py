@@ -55,25 +55,23 @@ if INTERPRET:
     _patch_interpreter_index()
 
 
-def _arg_key(arg) -> object:
-    """What Triton specializes a kernel on, for one runtime argument: a tensor's dtype and 16-byte
-    alignment, an int's value 1, divisibility by 16 and width (tests check this against Triton's own
-    specialization), the type of anything else."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if type(arg) is int:
-        return arg == 1, arg % 16 == 0, -0x80000000 <= arg <= 0x7FFFFFFF, arg >= 0x8000000000000000
-    return type(arg)
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """What Triton specializes a kernel on for a tensor argument: its dtype and 16-byte alignment
+    (tests check this against Triton's own specialization)."""
+    return t.dtype, t.data_ptr() % 16 == 0
 
 
 class Launcher:
     """Launches one Triton kernel: `launcher(grid, args, constexprs, traced=False, **options)`.
 
     args are the runtime arguments in the kernel's order; constexprs (by name) must be the
-    parameters that follow them. On CUDA, the first launch of a specialization goes through
-    JITFunction.run (which compiles), and later ones straight to that compiled kernel's launcher:
-    JITFunction.run re-binds and re-specializes every argument and rebuilds its cache key on each
-    call, which at 30-45 arguments costs more host time than these kernels take on the GPU.
+    parameters that follow them, and the tensors must come first in args (all kernels here take their
+    pointers first). On CUDA, the first launch with given tensor dtypes/alignments and given values of
+    the other arguments goes through JITFunction.run (which compiles or finds the kernel), and later
+    ones straight to that compiled kernel's launcher: JITFunction.run re-binds and re-specializes
+    every argument and rebuilds its cache key on each call, which at 30-45 arguments costs more host
+    time than these kernels take on the GPU. The key takes the non-tensor arguments by value (finer
+    than Triton's specialization, so never wrong; a new shape costs one JITFunction.run).
     Elsewhere (the interpreter) every launch goes through the kernel as written; traced=True (inside
     a torch.library.triton_op) goes through torch.library.wrap_triton so that torch.compile sees it.
     """
@@ -83,6 +81,7 @@ class Launcher:
         self.writes = writes  # the pointer arguments the kernel stores to (tests check them against its code)
         self.compiled: dict = {}
         self._twin = None
+        self._num_tensors: int | None = None
 
     def traceable(self):
         """The kernel as torch.library.wrap_triton takes it: a JITFunction. The interpreter's kernels
@@ -105,18 +104,27 @@ class Launcher:
             return wrap_triton(self.traceable())[grid](*args, **constexprs, **options)
         if not self.cacheable(args):
             return self.kernel[grid](*args, **constexprs, **options)
+        n = self._num_tensors
+        if n is None:
+            n = self._num_tensors = self._count_leading_tensors(args, constexprs)
         # A compiled kernel belongs to one device (its module is loaded there), as in Triton's own caches.
-        key = (args[0].get_device(), tuple(constexprs.values()), tuple(options.values()),
-               tuple(_arg_key(a) for a in args))
+        key = (args[0].get_device(), tuple(_tensor_key(t) for t in args[:n]), args[n:],
+               tuple(constexprs.values()), tuple(options.values()))
         compiled = self.compiled.get(key)
         grid = tuple(grid) + (1,) * (3 - len(grid))
         if compiled is None:
-            following = self.kernel.arg_names[len(args):]
-            if list(constexprs) != following:  # the cached launch passes them by position
-                raise ValueError(f"{self.kernel.__name__}: constexprs must be {following} in order, got {list(constexprs)}")
             self.compiled[key] = self.kernel[grid](*args, **constexprs, **options)
             return
         compiled[grid](*args, *constexprs.values())
+
+    def _count_leading_tensors(self, args, constexprs) -> int:
+        following = self.kernel.arg_names[len(args):]
+        if list(constexprs) != following:  # the cached launch passes them by position
+            raise ValueError(f"{self.kernel.__name__}: constexprs must be {following} in order, got {list(constexprs)}")
+        n = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+        if any(isinstance(a, torch.Tensor) for a in args[n:]):
+            raise ValueError(f"{self.kernel.__name__}: tensor arguments must come before the others")
+        return n
 
 
 def _interpreted_jit_class():

@@ -14,14 +14,17 @@ def triton_specialization(arg):
     return native_specialize_impl(BaseBackend, arg, False, True, True)
 
 
-def test_the_key_separates_every_specialization_triton_makes():
+def test_the_tensor_key_separates_every_specialization_triton_makes():
+    # Non-tensor arguments enter the key by value (finer than any specialization); tensors by dtype and
+    # alignment, which must separate whatever Triton's own specialization separates.
     storage = torch.zeros(64)
-    samples = [0, 1, 2, 15, 16, 17, 32, -1, -16, 2**31 - 1, 2**31, 2**31 + 16, -(2**31), -(2**31) - 1, 2**40, 1.5, True, None]
-    samples += [storage, storage[1:], storage[4:], storage.half(), storage.half()[8:], storage.bfloat16()[3:]]
-    samples += [torch.zeros(3, dtype=torch.int64), torch.zeros(5, dtype=torch.int32)[1:], torch.zeros(4, dtype=torch.bool)]
+    samples = [storage, storage[1:], storage[2:], storage[4:], storage.half(), storage.half()[8:],
+               storage.half()[1:], storage.bfloat16()[3:], torch.zeros(3, dtype=torch.int64),
+               torch.zeros(5, dtype=torch.int32)[1:], torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.uint8)[1:]]
     for a, b in itertools.combinations(samples, 2):
-        if _utils._arg_key(a) == _utils._arg_key(b):
+        if _utils._tensor_key(a) == _utils._tensor_key(b):
             assert triton_specialization(a) == triton_specialization(b), (a, b)
+    assert len({_utils._tensor_key(t) for t in samples}) == len({triton_specialization(t) for t in samples})
 
 
 class FakeCompiled:
@@ -52,13 +55,14 @@ def test_later_launches_reuse_the_compiled_kernel_of_their_specialization(monkey
     kernel = FakeKernel()
     launch = _utils.Launcher(kernel, writes=("x",))
     x = torch.zeros(64)
-    launch((4,), (x, 32), dict(BLOCK=16, FLAG=True), num_warps=4)
-    launch((5,), (x, 48), dict(BLOCK=16, FLAG=True), num_warps=4)  # same specialization
+    launch((4,), (x, 48), dict(BLOCK=16, FLAG=True), num_warps=4)
+    launch((5,), (x, 48), dict(BLOCK=16, FLAG=True), num_warps=4)  # the same key, another grid
     assert [c[0] for c in kernel.calls] == ["jit", "cached"]
     assert kernel.calls[1] == ("cached", (5, 1, 1), (x, 48, 16, True))  # constexprs by position
     for args, constexprs, options in [
         ((x, 1), dict(BLOCK=16, FLAG=True), dict(num_warps=4)),  # n == 1 is specialized
         ((x, 33), dict(BLOCK=16, FLAG=True), dict(num_warps=4)),  # not a multiple of 16
+        ((x, 64), dict(BLOCK=16, FLAG=True), dict(num_warps=4)),  # any other value (keyed by value)
         ((x[1:], 32), dict(BLOCK=16, FLAG=True), dict(num_warps=4)),  # misaligned pointer
         ((x.half(), 32), dict(BLOCK=16, FLAG=True), dict(num_warps=4)),  # another dtype
         ((x, 32), dict(BLOCK=32, FLAG=True), dict(num_warps=4)),  # another constexpr
@@ -70,10 +74,12 @@ def test_later_launches_reuse_the_compiled_kernel_of_their_specialization(monkey
         assert [c[0] for c in kernel.calls] == ["jit", "cached"], (args, constexprs, options)
 
 
-def test_constexprs_out_of_order_are_refused(monkeypatch):
+def test_constexprs_out_of_order_and_late_tensors_are_refused(monkeypatch):
     monkeypatch.setattr(_utils.Launcher, "cacheable", staticmethod(lambda args: True))
     with pytest.raises(ValueError, match=r"constexprs must be \['BLOCK', 'FLAG'\] in order"):
         _utils.Launcher(FakeKernel(), writes=("x",))((1,), (torch.zeros(4), 16), dict(FLAG=True, BLOCK=16))
+    with pytest.raises(ValueError, match="tensor arguments must come before the others"):
+        _utils.Launcher(FakeKernel(), writes=("x",))((1,), (16, torch.zeros(4)), dict(BLOCK=16, FLAG=True))
 
 
 def test_without_cuda_every_launch_runs_the_kernel_as_written():
