@@ -109,3 +109,5 @@ def cross_attention(
             return _cross_attention_fwd(q, k, v, key_padding_mask, fp32_precision)[0]
         return CrossAttentionFunction.apply(q, k, v, key_padding_mask, fp32_precision, kv_gradients)
     return _sdpa_fallback(q, k, v, key_padding_mask)
+
+__all__ = ["cross_attention", "KVGradients"]

@@ -1,9 +1,9 @@
-"""Shared tools of the adversarial suite: the backends of each op on this machine, and interrupting
-a call between the Triton interpreter's programs (what Ctrl-C in the middle of a launch does)."""
+"""The adversarial suite (every test here carries the `adversarial` marker): its one shared tool,
+interrupting a call between the Triton interpreter's programs (what Ctrl-C in the middle of a launch
+does)."""
 import contextlib
 
 import pytest
-import torch
 
 from collat.kernels import _utils
 
