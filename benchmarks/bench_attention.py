@@ -5,7 +5,10 @@
     python benchmarks/bench_attention.py            # B=32 H=8 q77 k1212 d64, bf16 and fp32
     python benchmarks/bench_attention.py --quick    # tiny shapes, few iterations (also on CPU)
     python benchmarks/bench_attention.py --sweep    # time our kernels under several launch configs
-    python benchmarks/bench_attention.py --profile  # add each impl's summed GPU kernel time per call
+
+Every contender gets wall time per call (host issue included), GPU time (back-to-back calls) and peak
+memory (benchmarks/harness.py). fwd+bwd takes the gradients with torch.autograd.grad, so nothing
+accumulates into .grad across calls.
 """
 from __future__ import annotations
 
@@ -57,18 +60,7 @@ def make_inputs(B, H, NQ, NK, D, dtype, device, requires_grad):
     return q, k, v
 
 
-def gpu_kernel_us(fn) -> float:
-    """Summed device time of the kernels one call launches (excludes host overhead and idle gaps)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
-
-
-def bench_case(report, device, B, H, NQ, NK, D, dtype, impls, iters, profile_kernels=False):
+def bench_case(report, device, B, H, NQ, NK, D, dtype, impls, iters):
     tag = f"B{B} H{H} q{NQ} k{NK} d{D} {str(dtype).split('.')[-1]}"
     for mode in ("fwd", "fwd+bwd"):
         training = mode == "fwd+bwd"
@@ -77,8 +69,8 @@ def bench_case(report, device, B, H, NQ, NK, D, dtype, impls, iters, profile_ker
         rows = []
         for name, fn in impls.items():
             if training:
-                def call(fn=fn):
-                    fn(q, k, v).backward(grad)
+                def call(fn=fn):  # autograd.grad: no .grad accumulation (an extra add per call) in the timing
+                    torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
             else:
                 def call(fn=fn):
                     with torch.no_grad():
@@ -88,10 +80,7 @@ def bench_case(report, device, B, H, NQ, NK, D, dtype, impls, iters, profile_ker
             except (RuntimeError, NotImplementedError) as err:  # backend lacks this dtype/shape/device
                 print(f"  skip {name} ({mode}, {tag}): {str(err).splitlines()[0][:100]}")
                 continue
-            extra = {}
-            if profile_kernels and device.startswith("cuda"):
-                extra["gpu_kernel_us"] = gpu_kernel_us(call)
-            rows.append(measure(f"{tag} {mode}", name, call, device, iters=iters, **extra))
+            rows.append(measure(f"{tag} {mode}", name, call, device, iters=iters))
         report.add(rows)
 
 
@@ -140,13 +129,10 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], "results/bench_attention.json")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--sweep", action="store_true", help="also sweep our launch configs (CUDA only)")
-    p.add_argument("--profile", action="store_true",
-                   help="also report each impl's summed GPU kernel time per call (CUDA; wall time on a "
-                        "slow host is launch-bound for the fast impls)")
     args = p.parse_args()
     iters = 10 if args.quick else 50
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    report = Report("cross_attention", device, baseline="reference")
+    report = Report("cross_attention", device, baseline="reference", out=args.out)
     on_gpu = device.startswith("cuda")
     if on_gpu and not args.quick:
         shapes = [(32, 8, 77, 1212, 64)]
@@ -157,14 +143,10 @@ def main() -> None:
     impls = contenders(device, compile_reference=not args.no_compile)
     for shape in shapes:
         for dtype in (torch.bfloat16, torch.float32):
-            bench_case(report, device, *shape, dtype, impls, iters, profile_kernels=args.profile)
+            bench_case(report, device, *shape, dtype, impls, iters)
     report.print()
     print("reference = naive PyTorch (collat.ops.reference.cross_attention); sdpa <name> = "
           "F.scaled_dot_product_attention under sdpa_kernel(<backend>); no mask in these cases (flash takes none).")
-    if args.profile and on_gpu:
-        print("\nsummed GPU kernel time per call (torch.profiler):")
-        for r in report.rows:
-            print(f"  {r.case:<40} {r.impl:<22} {r.extra.get('gpu_kernel_us', float('nan')):9.1f} us")
     report.save(args.out)
     if args.sweep and on_gpu:
         sweep(device, 20)

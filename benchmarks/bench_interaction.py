@@ -63,7 +63,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             print(f"--- {name}: top CUDA kernels of one step")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-    report = Report("token interaction module", device, baseline="reference")
+    report = Report("token interaction module", device, baseline="reference", out=args.out)
     report.add(rows)
     report.print()
     report.save(args.out)

@@ -9,8 +9,10 @@ valid, the most traffic):
 Modes: "fwd" under torch.no_grad (evaluation), "fwd+bwd" = loss, then torch.autograd.grad with
 respect to pred (L_ct), and "L_ut fwd+bwd" = identity perm with gradients to pred and target.
 Targets (DESIGN.md section 4, H100/H200): fwd+bwd <= 45 us fp32 and <= 25 us bf16 at B=256.
-On CUDA, ours also reports kernel_us: the GPU time of its kernels alone (torch.profiler).
---sweep (CUDA) times fwd+bwd at B=256 for several launch configurations of the forward kernel.
+Every contender gets wall time per call (host issue included), GPU time (back-to-back calls) and peak
+memory (benchmarks/harness.py). --profile (CUDA) prints ours' per-kernel GPU times after all timings
+(a profiler run right before a timing would distort it). --sweep (CUDA) times fwd+bwd at B=256 for
+several launch configurations of the forward kernel.
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ def run(args) -> None:
         use_compile = on_cuda or not args.quick
         iters = 200 if on_cuda else (3 if args.quick else 20)
         warmup = 10 if on_cuda else 1
-        report = Report(f"token_l1_loss (N={N}, D={D})", device, baseline="reference")
+        out = args.out if len(devices(args.device)) == 1 else args.out.replace(".json", f"_{device.split(':')[0]}.json")
+        report = Report(f"token_l1_loss (N={N}, D={D})", device, baseline="reference", out=out)
         # One compiled graph per (shape, dtype, mode): allow them all rather than falling back to eager.
         torch._dynamo.config.recompile_limit = 64
         compiled = torch.compile(reference.token_l1_loss, dynamic=False) if use_compile else None
@@ -110,24 +113,22 @@ def run(args) -> None:
                     rows = []
                     for name, loss_fn in contenders.items():
                         fn = step_fn(loss_fn, pred, target, perm, mode)
-                        extra = {}
-                        if on_cuda and name == ours_name:
-                            extra["kernels"] = {}
-                            extra["kernel_us"] = kernel_time_us(fn, breakdown=extra["kernels"])
-                        rows.append(measure(case, name, fn, device, warmup=warmup, iters=iters, **extra))
+                        rows.append(measure(case, name, fn, device, warmup=warmup, iters=iters))
                     report.add(rows)
         report.print()
-        if on_cuda:
-            for r in report.rows:
-                if "kernel_us" in r.extra:
-                    print(f"  {r.case}: ours {r.median_ms * 1e3:.1f} us per call, kernels alone {r.extra['kernel_us']:.1f} us")
-                    print("      " + ", ".join(f"{k} {v:.1f}" for k, v in r.extra["kernels"].items()))
-        else:
+        if on_cuda and args.profile:  # after every timing: the profiler's own overhead then distorts none
+            for B in batch_sizes:
+                for dtype in dtypes:
+                    pred, target, perm = make_inputs(B, dtype, device)
+                    kernels: dict = {}
+                    total = kernel_time_us(step_fn(token_l1_loss, pred, target, perm, "fwd+bwd"), breakdown=kernels)
+                    print(f"  B={B} {str(dtype).split('.')[-1]} fwd+bwd: ours' kernels {total:.1f} us: "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in kernels.items()))
+        if not on_cuda:
             print("  note: no GPU, so 'ours' ran the PyTorch reference fallback (the Triton kernels need CUDA "
                   "or TRITON_INTERPRET=1); the CPU rows say nothing about the kernels")
             if not use_compile:
                 print("  note: --quick on CPU skips torch.compile (its compile time dominates a smoke run)")
-        out = args.out if len(devices(args.device)) == 1 else args.out.replace(".json", f"_{device.split(':')[0]}.json")
         report.save(out)
         if args.sweep and on_cuda:
             sweep(device)
@@ -153,18 +154,17 @@ def sweep(device: str) -> None:
             token_l1.CUDA_CONFIG = cfg
             try:
                 fn = step_fn(token_l1_loss, pred, target, perm, "fwd+bwd")
-                rows.append(measure(case, name, fn, device, warmup=10, iters=100, kernel_us=kernel_time_us(fn)))
+                rows.append(measure(case, name, fn, device, warmup=10, iters=100))
             finally:
                 token_l1.CUDA_CONFIG = default
         report.add(rows)
     report.print()
-    for r in report.rows:
-        print(f"  {r.case} {r.impl}: kernels alone {r.extra['kernel_us']:.1f} us")
 
 
 def main():
     p = parser(__doc__.splitlines()[0], "results/bench_l1.json")
     p.add_argument("--sweep", action="store_true", help="also time launch configurations (CUDA only)")
+    p.add_argument("--profile", action="store_true", help="per-kernel GPU times of ours, after the timings (CUDA)")
     run(p.parse_args())
 
 

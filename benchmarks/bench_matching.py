@@ -50,7 +50,8 @@ def run(args) -> Report | None:
     N = 77
     report = None
     for device in devices(args.device):
-        report_dev = Report(f"token matching ({args.metric}, {args.dtype}, N={N})", device, baseline="reference")
+        out = args.out if len(devices(args.device)) == 1 else args.out.replace(".json", f"_{device.split(':')[0]}.json")
+        report_dev = Report(f"token matching ({args.metric}, {args.dtype}, N={N})", device, baseline="reference", out=out)
         kernels = {op: _ext.has_kernel(op, device.split(":")[0]) for op in ("greedy_match", "optimal_match")}
         for B in batch_sizes:
             for D in dims:
@@ -96,7 +97,6 @@ def run(args) -> Report | None:
         if not all(kernels.values()):
             print(f"  note: no compiled kernel for {[k for k, v in kernels.items() if not v]} on {device}: "
                   "those rows ran the reference fallback")
-        out = args.out if len(devices(args.device)) == 1 else args.out.replace(".json", f"_{device.split(':')[0]}.json")
         report_dev.save(out)
         report = report_dev
     return report

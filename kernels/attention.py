@@ -1,15 +1,18 @@
 """cross_attention: softmax(q k^T / sqrt(d) + key padding mask) v, flash-style, in Triton.
 
 Layout of this file (Liger style): Triton kernels, host launchers, the custom ops
-`collat::cross_attention_fwd` / `collat::cross_attention_bwd` with their fake (meta) impls and autograd
-registration (what `torch.compile` sees), and an autograd Function over the same launchers for eager
-mode (cheaper to dispatch). Input validation and the choice of backend live in collat/ops/attention.py.
+`collat::cross_attention_fwd` / `collat::cross_attention_bwd` (torch.library.triton_op: torch.compile
+traces into the kernels, and CUDA graphs can capture them) with their autograd registration, and an
+autograd Function over the same launchers for eager mode (cheaper to dispatch; on CUDA every launch
+after the first of a specialization goes straight to the compiled kernel, see _utils.Launcher). Input
+validation and the choice of backend live in collat/ops/attention.py.
 
 Shapes: q [B, H, Nq, d], k and v [B, H, Nk, d], any Nq / Nk (the real shape is 77 queries x 1212 audio
 keys), head dims 1..128 (padded inside the kernel to a power of two >= 16). Any strides with a unit
 last-dim stride are read in place, so the per-head views `t.view(B, L, H, d).transpose(1, 2)` of a
-projection's output need no copy; the output (and each gradient) has the dimension order of its input, which makes the
-usual merge-heads `transpose(1, 2).reshape(B, Nq, H * d)` free.
+projection's output need no copy; broadcast (stride-0) inputs are read in place too. The output (and
+each gradient) has the dimension order of its input with a unit last-dim stride, which makes the usual
+merge-heads `transpose(1, 2).reshape(B, Nq, H * d)` free.
 
 Numerics: scores and softmax statistics are fp32; fp16/bf16 inputs feed the tensor cores in their own
 dtype (P and dS are rounded to it before their matmuls, as in FlashAttention); fp32 inputs keep
@@ -18,9 +21,14 @@ fp32-level accuracy by default through 3xTF32 products (`fp32_precision="tf32x3"
 padding outputs zeros and gets zero gradients: its log-sum-exp is stored as +inf so that every
 probability recomputed in the backward pass is exp(-inf) = 0.
 
-Backward, deterministic (no atomics): for Nq <= 128 (the real shape) ONE kernel per (head, key split)
-holds all queries' q, dO and the dq accumulator on chip and walks its keys once, storing dk and dv per
-key block (5 matmuls per block; the splits' dq parts are summed in a fixed order). For longer query
+Padding keys are never read (their k and v load as zeros), so whatever they hold, NaN included, cannot
+reach an output or a gradient.
+
+Backward, deterministic (no float atomics): for Nq <= 128 (the real shape) ONE kernel per (head, key
+split) holds all queries' q, dO and the dq accumulator on chip and walks its keys once, storing dk and
+dv per key block (5 matmuls per block). With several splits each stores its dq part in a workspace and
+the split of a head that finishes last (a per-head integer ticket, which it zeroes again) sums the
+parts in split order inside the same launch. For longer query
 sets, and for fp32 tiles too big for shared memory, FlashAttention-2's pair: a dq kernel per query
 block (which also stores delta = rowsum(dO * O)) and a dk/dv kernel per key block. A launch config
 that does not fit the GPU's shared memory gives way to the next one (remembered per shape class).
@@ -38,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, num_sms
+from ._utils import INTERPRET, Launcher, num_sms
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
@@ -119,13 +127,14 @@ def _attn_fwd_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + offs_n_base
         n_valid = offs_n < NK
-        nd_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         keep = n_valid
         if HAS_PAD:
             is_pad = tl.load(pad_base + offs_n, mask=n_valid, other=1)
             keep = keep & (is_pad == 0)
+        # Padding keys are not read: whatever they hold (NaN, inf) cannot reach the output.
+        kv_mask = keep[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         s = tl.where(keep[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -134,7 +143,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
@@ -152,17 +161,17 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_fused_kernel(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, PAD,
+    Q, K, V, O, DO, DQ, DK, DV, LSE, PAD, DQ_PARTS, TICKETS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
-    stride_dqs, stride_dqb, stride_dqh, stride_dqm,
+    stride_dqb, stride_dqh, stride_dqm,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_pad_b,
-    H, NQ, NK, NUM_SPLITS, KEYS_PER_SPLIT,
+    H, NQ, NK, NUM_SPLITS, KEYS_PER_SPLIT, NUM_HEADS_TOTAL,
     qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr,
@@ -171,11 +180,13 @@ def _attn_bwd_fused_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    SPLIT_DQ: tl.constexpr,
 ):
     # Backward for Nq <= BLOCK_M (all queries of a head in one block, the 77-query case): one program
     # per (batch*head, key split) keeps q, dO and the dq accumulator on chip and walks its keys once,
     # writing each key block's dk and dv as it goes. 5 matmuls per key block instead of FA2's 7, no
-    # atomics: with several splits, dq is written per split and summed in a fixed order afterwards.
+    # float atomics: with several splits, each stores its dq part, and the split that finishes last
+    # (a per-head integer ticket, which it resets) sums the parts in split order and stores dq.
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
     pid_bh = pid // NUM_SPLITS
@@ -210,12 +221,14 @@ def _attn_bwd_fused_kernel(
         offs_n = start_n + offs_n_base
         n_valid = offs_n < key_end
         nd_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
         keep = n_valid
         if HAS_PAD:
             is_pad = tl.load(pad_base + offs_n, mask=n_valid, other=1)
             keep = keep & (is_pad == 0)
+        # Padding keys read as zeros: a NaN there must not reach dq (0 * NaN) or their own zero dk/dv.
+        kv_mask = keep[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dv = _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
@@ -227,10 +240,21 @@ def _attn_bwd_fused_kernel(
         tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
 
     dq = dq * sm_scale
-    tl.store(
-        DQ + split.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty), mask=md_mask,
-    )
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    if SPLIT_DQ:
+        part_offsets = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DQ_PARTS + (split * NUM_HEADS_TOTAL + pid_bh).to(tl.int64) * NQ * HEAD_DIM + part_offsets, dq, mask=md_mask)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(TICKETS + pid_bh, 1)  # acq_rel: the parts stored before it are visible
+        if ticket == NUM_SPLITS - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for part in range(0, NUM_SPLITS):
+                part_ptrs = DQ_PARTS + (part * NUM_HEADS_TOTAL + pid_bh).to(tl.int64) * NQ * HEAD_DIM + part_offsets
+                total += tl.load(part_ptrs, mask=md_mask, other=0.0, cache_modifier=".cg")
+            tl.store(dq_ptrs, total.to(DQ.dtype.element_ty), mask=md_mask)
+            tl.atomic_xchg(TICKETS + pid_bh, 0)  # zero again for the next launch
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
 @triton.jit
@@ -284,14 +308,14 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + offs_n_base
         n_valid = offs_n < NK
-        nd_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         keep = n_valid
         if HAS_PAD:
             is_pad = tl.load(pad_base + offs_n, mask=n_valid, other=1)
             keep = keep & (is_pad == 0)
+        kv_mask = keep[:, None] & d_valid[None, :]  # padding keys read as zeros (see the fused kernel)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         p = tl.where(keep[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -339,12 +363,13 @@ def _attn_bwd_dkdv_kernel(
     d_valid = _head_dim_mask(HEAD_DIM, BLOCK_D)
     nd_mask = n_valid[:, None] & d_valid[None, :]
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=nd_mask, other=0.0)
     keep = n_valid
     if HAS_PAD:
         is_pad = tl.load(PAD + b * stride_pad_b + offs_n, mask=n_valid, other=1)
         keep = keep & (is_pad == 0)
+    kv_mask = keep[:, None] & d_valid[None, :]  # padding keys read as zeros (see the fused kernel)
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
 
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
@@ -463,28 +488,73 @@ def _upcast_dots(t: torch.Tensor) -> bool:
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+    return int(t.stride(0)), int(t.stride(1)), int(t.stride(2))  # int(): static under torch.compile
 
 
 def _pad_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
     if key_padding_mask is None:
         return like, 0  # never read: HAS_PAD is False
     pad = key_padding_mask.view(torch.uint8)  # bool -> bytes without a copy
-    return pad, pad.stride(0)
+    return pad, int(pad.stride(0))
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
-    """A dense tensor with t's dimension order: for a head view of a wider buffer (k sliced out of a
-    fused K/V projection) this is [B, N, H, d] memory, which the gradient's consumer reads in order."""
+def _empty_in_layout_of(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer, view): a dense buffer and its view with t's shape, dimension order and a unit last-dim
+    stride (the kernels' contract). For a head view of a wider buffer (k sliced out of a fused K/V
+    projection) this is [B, N, H, d] memory, which the gradient's consumer reads in order. Broadcast
+    (stride-0) and size-1 dimensions carry no order, so they go outermost. The kernels write through
+    the buffer (with the view's strides): under torch.compile a kernel's writes must land on a base
+    tensor, not on a view of one."""
     if t.is_contiguous():
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
-    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))
+        dense = torch.empty_like(t, memory_format=torch.contiguous_format)
+        return dense, dense
+    last = t.dim() - 1
+
+    def outer_first(i):
+        free = t.stride(i) == 0 or t.shape[i] == 1
+        return (0 if free else 1, -t.stride(i), i)
+
+    order = sorted(range(last), key=outer_first) + [last]
     dense = torch.empty([t.shape[i] for i in order], device=t.device, dtype=t.dtype)
-    return dense.permute([order.index(i) for i in range(t.dim())])
+    return dense, dense.permute([order.index(i) for i in range(t.dim())])
+
+
+_forward = Launcher(_attn_fwd_kernel, writes=("O", "LSE"))
+_bwd_fused = Launcher(_attn_bwd_fused_kernel, writes=("DQ", "DK", "DV", "DQ_PARTS", "TICKETS"))
+_bwd_dq = Launcher(_attn_bwd_dq_kernel, writes=("DQ", "DELTA"))
+_bwd_dkdv = Launcher(_attn_bwd_dkdv_kernel, writes=("DK", "DV"))
+
+# (device type, index, stream) -> (fp32 dq parts, int32 per-head tickets, zero between launches): the
+# fused backward's workspace, reused by every call on that stream (kernels on one stream never overlap).
+_WORKSPACES: dict = {}
+
+
+def _dq_workspace(device: torch.device, parts: int, heads: int, traced: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if traced:  # torch.compile plans the buffers; the tickets start at zero
+        return torch.empty(parts, device=device, dtype=torch.float32), torch.zeros(heads, device=device, dtype=torch.int32)
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None
+    key = (device.type, device.index, stream)
+    cached = _WORKSPACES.get(key)
+    if cached is None or cached[0].numel() < parts or cached[1].numel() < heads:
+        old_parts, old_heads = (cached[0].numel(), cached[1].numel()) if cached else (0, 0)
+        cached = _WORKSPACES[key] = (
+            torch.empty(max(parts, 2 * old_parts), device=device, dtype=torch.float32),
+            torch.zeros(max(heads, 2 * old_heads), device=device, dtype=torch.int32),
+        )
+    return cached
+
+
+def _constexprs(q, key_padding_mask, fp32_precision, block_m, block_n) -> dict:
+    """The compile-time parameters every kernel here takes, in their order in the signatures."""
+    D = int(q.shape[-1])
+    return dict(
+        HEAD_DIM=D, HAS_PAD=key_padding_mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        PRECISION=_precision(q.dtype, fp32_precision), UPCAST=_upcast_dots(q),
+    )
 
 
 def attention_forward(
@@ -494,11 +564,13 @@ def attention_forward(
     key_padding_mask: torch.Tensor | None,
     fp32_precision: str = "tf32x3",
     config: LaunchConfig | None = None,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out in q's dimension order, lse fp32 [B, H, Nq] in log2 units of the scaled scores)."""
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
-    out = _empty_in_layout_of(q)
+    """Returns (out in q's dimension order, lse fp32 [B, H, Nq] in log2 units of the scaled scores).
+    q, k, v need a unit last-dim stride (any other strides, stride 0 included, are read in place)."""
+    B, H, NQ, D = map(int, q.shape)  # int(): under torch.compile, block sizes need static shapes
+    NK = int(k.shape[2])
+    out_buffer, out = _empty_in_layout_of(q)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
@@ -507,15 +579,12 @@ def attention_forward(
     pad, stride_pad = _pad_arg(key_padding_mask, q)
     sm_scale = 1.0 / math.sqrt(D)
     config = config or forward_config(q)
-    _attn_fwd_kernel[(num_m_blocks * B * H,)](
-        q, k, v, out, lse, pad,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
-        H, NQ, NK, num_m_blocks,
-        sm_scale * LOG2E,
-        HEAD_DIM=D, HAS_PAD=key_padding_mask is not None,
-        BLOCK_M=block_m, BLOCK_D=_block_d(D),
-        PRECISION=_precision(q.dtype, fp32_precision), UPCAST=_upcast_dots(q),
-        BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+    _forward(
+        (num_m_blocks * B * H,),
+        (q, k, v, out_buffer, lse, pad, *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
+         H, NQ, NK, num_m_blocks, sm_scale * LOG2E),
+        _constexprs(q, key_padding_mask, fp32_precision, block_m, config.block_n),
+        traced, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
 
@@ -528,29 +597,64 @@ def _num_splits(q: torch.Tensor, NK: int) -> int:
     return max(1, min(triton.cdiv(2 * num_sms(q.device.index), programs), NK // 256, 8))
 
 
-def _launch_fused_backward(grad_out, q, k, v, out, lse, pad, stride_pad, dq, dk, dv, sm_scale, common, config):
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
+def _launch_fused_backward(grad_out, q, k, v, out, lse, key_padding_mask, buffers, grads, fp32_precision, config, traced):
+    B, H, NQ, D = map(int, q.shape)  # int(): under torch.compile, block sizes need static shapes
+    NK = int(k.shape[2])
     num_splits = config.num_splits or _num_splits(q, NK)
     # Splits own whole multiples of 128 keys, so every BLOCK_N (<= 128) tiles them exactly.
     keys_per_split = triton.cdiv(triton.cdiv(NK, num_splits), 128) * 128
     num_splits = triton.cdiv(NK, keys_per_split)
-    if num_splits == 1:
-        dq_target = dq.unsqueeze(0)
-    else:
-        dq_target = torch.empty((num_splits, B, H, NQ, D), device=q.device, dtype=torch.float32)
-    _attn_bwd_fused_kernel[(B * H * num_splits,)](
-        q, k, v, out, grad_out, dq_target, dk, dv, lse, pad,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out),
-        dq_target.stride(0), *_strides(dq_target[0]), *_strides(dk), *_strides(dv),
-        stride_pad,
-        H, NQ, NK, num_splits, keys_per_split,
-        sm_scale * LOG2E, sm_scale,
-        BLOCK_M=_block_m(NQ), BLOCK_N=config.block_n, **common,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
     if num_splits > 1:
-        dq.copy_(dq_target.sum(dim=0))
+        dq_parts, tickets = _dq_workspace(q.device, num_splits * B * H * NQ * D, B * H, traced)
+    else:
+        dq_parts = tickets = lse  # never touched: SPLIT_DQ is False
+    pad, stride_pad = _pad_arg(key_padding_mask, q)
+    sm_scale = 1.0 / math.sqrt(D)
+    constexprs = _constexprs(q, key_padding_mask, fp32_precision, _block_m(NQ), config.block_n)
+    args = (
+        q, k, v, out, grad_out, *buffers, lse, pad, dq_parts, tickets,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out),
+        *(stride for grad in grads for stride in _strides(grad)), stride_pad,
+        H, NQ, NK, num_splits, keys_per_split, B * H, sm_scale * LOG2E, sm_scale,
+    )
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    try:
+        _bwd_fused((B * H * num_splits,), args, dict(**constexprs, SPLIT_DQ=num_splits > 1), traced, **launch)
+    except BaseException:
+        if num_splits > 1 and not traced:
+            # Only the interpreter can stop inside a launch (Ctrl-C between programs): the tickets the
+            # stopped programs counted up would wait for the next call. (Nothing ran on an OutOfResources.)
+            tickets.zero_()
+        raise
+
+
+def _launch_split_backward(grad_out, q, k, v, out, lse, key_padding_mask, buffers, grads, fp32_precision, config, traced):
+    B, H, NQ, D = map(int, q.shape)  # int(): under torch.compile, block sizes need static shapes
+    NK = int(k.shape[2])
+    delta = torch.empty_like(lse)
+    fp32 = q.dtype == torch.float32
+    block_m = (config.block_m if config and config.block_m else None) or _block_m(NQ, 32 if fp32 else 64)
+    block_n = config.block_n if config else (32 if fp32 else 64)
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else dict(num_warps=4, num_stages=2)
+    pad, stride_pad = _pad_arg(key_padding_mask, q)
+    sm_scale = 1.0 / math.sqrt(D)
+    constexprs = _constexprs(q, key_padding_mask, fp32_precision, block_m, block_n)
+    num_m_blocks = triton.cdiv(NQ, block_m)
+    _bwd_dq(
+        (num_m_blocks * B * H,),
+        (q, k, v, out, grad_out, buffers[0], lse, delta, pad,
+         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(grads[0]), stride_pad,
+         H, NQ, NK, num_m_blocks, sm_scale * LOG2E, sm_scale),
+        constexprs, traced, **launch,
+    )
+    num_n_blocks = triton.cdiv(NK, block_n)
+    _bwd_dkdv(
+        (num_n_blocks * B * H,),
+        (q, k, v, grad_out, buffers[1], buffers[2], lse, delta, pad,
+         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(grads[1]), *_strides(grads[2]), stride_pad,
+         H, NQ, NK, num_n_blocks, sm_scale * LOG2E, sm_scale),
+        constexprs, traced, **launch,
+    )
 
 
 def attention_backward(
@@ -564,94 +668,70 @@ def attention_backward(
     fp32_precision: str = "tf32x3",
     config: LaunchConfig | None = None,
     mode: str = "auto",
+    traced: bool = False,
+    kv_grads: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv. mode: "fused" (one kernel per head; needs Nq <= 128), "split" (FA2's dq kernel +
-    dk/dv kernel, any Nq) or "auto" (fused where it applies)."""
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
+    dk/dv kernel, any Nq) or "auto" (fused where it applies). kv_grads: where to write dk and dv
+    (tensors of k's shape with a unit last-dim stride, e.g. slots of one buffer for several calls)."""
+    B, H, NQ, D = map(int, q.shape)  # int(): under torch.compile, block sizes need static shapes
+    NK = int(k.shape[2])
     grad_out = _unit_last_stride(grad_out)
-    dq = _empty_in_layout_of(q)
-    dk = _empty_in_layout_of(k)
-    dv = _empty_in_layout_of(v)
+    buffers, (dq, dk, dv) = zip(*(_empty_in_layout_of(t) for t in (q, k, v)))
+    if kv_grads is not None:
+        dk, dv = kv_grads
+        buffers, (dq, dk, dv) = (buffers[0], dk, dv), (dq, dk, dv)
     if B * H == 0:
         return dq, dk, dv
     if NQ == 0 or NK == 0:  # nothing attends: every gradient is zero
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        for grad in (dq, dk, dv):
+            grad.zero_()
+        return dq, dk, dv
     if mode == "auto":
         mode = "fused" if NQ <= FUSED_BACKWARD_MAX_NQ else "split"
     if mode == "fused" and NQ > FUSED_BACKWARD_MAX_NQ:
         raise ValueError(f"the fused backward needs Nq <= {FUSED_BACKWARD_MAX_NQ}, got Nq={NQ}")
-    pad, stride_pad = _pad_arg(key_padding_mask, q)
-    sm_scale = 1.0 / math.sqrt(D)
-    common = dict(
-        HEAD_DIM=D, HAS_PAD=key_padding_mask is not None, BLOCK_D=_block_d(D),
-        PRECISION=_precision(q.dtype, fp32_precision), UPCAST=_upcast_dots(q),
-    )
+    args = (grad_out, q, k, v, out, lse, key_padding_mask, buffers, (dq, dk, dv), fp32_precision)
     if mode == "fused":
-        args = (grad_out, q, k, v, out, lse, pad, stride_pad, dq, dk, dv, sm_scale, common)
         if config is not None:
-            _launch_fused_backward(*args, config)
+            _launch_fused_backward(*args, config, traced)
             return dq, dk, dv
         fallback_key = (q.dtype, _block_m(NQ), _block_d(D), fp32_precision, q.device)
         candidates = backward_configs(q)
         start = _BACKWARD_FALLBACK.get(fallback_key, 0)
-        for index in range(start, len(candidates)) if start is not None else ():
-            try:
-                _launch_fused_backward(*args, candidates[index])
-            except triton.runtime.errors.OutOfResources:  # raised before the launch: nothing written
-                _BACKWARD_FALLBACK[fallback_key] = index + 1
-                continue
-            _BACKWARD_FALLBACK[fallback_key] = index
-            return dq, dk, dv
-        _BACKWARD_FALLBACK[fallback_key] = None
+        if traced:  # compiled later by Inductor, where nothing can fall back: the decision made so far
+            if start is not None and start < len(candidates):
+                _launch_fused_backward(*args, candidates[start], traced)
+                return dq, dk, dv
+        else:
+            for index in range(start, len(candidates)) if start is not None else ():
+                try:
+                    _launch_fused_backward(*args, candidates[index], traced)
+                except triton.runtime.errors.OutOfResources:  # raised before the launch: nothing written
+                    _BACKWARD_FALLBACK[fallback_key] = index + 1
+                    continue
+                _BACKWARD_FALLBACK[fallback_key] = index
+                return dq, dk, dv
+            _BACKWARD_FALLBACK[fallback_key] = None
         # No fused config fits (fp32 with 128 query rows on chip): FA2's split kernels below.
-
-    delta = torch.empty_like(lse)
-    fp32 = q.dtype == torch.float32
-    block_m = (config.block_m if config and config.block_m else None) or _block_m(NQ, 32 if fp32 else 64)
-    block_n = config.block_n if config else (32 if fp32 else 64)
-    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else dict(num_warps=4, num_stages=2)
-    num_m_blocks = triton.cdiv(NQ, block_m)
-    _attn_bwd_dq_kernel[(num_m_blocks * B * H,)](
-        q, k, v, out, grad_out, dq, lse, delta, pad,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
-        stride_pad,
-        H, NQ, NK, num_m_blocks,
-        sm_scale * LOG2E, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
-    )
-    num_n_blocks = triton.cdiv(NK, block_n)
-    _attn_bwd_dkdv_kernel[(num_n_blocks * B * H,)](
-        q, k, v, grad_out, dk, dv, lse, delta, pad,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-        stride_pad,
-        H, NQ, NK, num_n_blocks,
-        sm_scale * LOG2E, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
-    )
+    _launch_split_backward(*args, config, traced)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops + autograd (opaque to torch.compile, which then compiles the code around them)
+# Custom ops (torch.library.triton_op: torch.compile traces into the kernels) + autograd
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("collat::cross_attention_fwd", mutates_args=())
+@torch.library.triton_op("collat::cross_attention_fwd", mutates_args=())
 def _cross_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], fp32_precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return attention_forward(q, k, v, key_padding_mask, fp32_precision)
+    return attention_forward(q, k, v, key_padding_mask, fp32_precision, traced=True)
 
 
-@_cross_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, fp32_precision):
-    B, H, NQ, _ = q.shape
-    return _empty_in_layout_of(q), q.new_empty((B, H, NQ), dtype=torch.float32)
-
-
-@torch.library.custom_op("collat::cross_attention_bwd", mutates_args=())
+@torch.library.triton_op("collat::cross_attention_bwd", mutates_args=())
 def _cross_attention_bwd(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -663,12 +743,7 @@ def _cross_attention_bwd(
     fp32_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, fp32_precision)
-
-
-@_cross_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, key_padding_mask, fp32_precision):
-    return _empty_in_layout_of(q), _empty_in_layout_of(k), _empty_in_layout_of(v)
+    return attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, fp32_precision, traced=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -676,6 +751,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
     ctx.fp32_precision = fp32_precision
+    ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -687,20 +763,54 @@ def _backward(ctx, grad_out, grad_lse):
 _cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class KVGradients:
+    """One gradient buffer [B, M, slots, D] for the K and V of several cross_attention calls whose k
+    and v are head views of slots of one projection [B, M, slots, D] (TokenInteraction's fused K/V):
+    each call's backward writes its dk and dv straight into their slots (`slot`), so the projection
+    receives one gradient without a stack of 2 * depth tensors. Allocated at the first backward."""
+
+    def __init__(self, projection: torch.Tensor):
+        self.shape, self.dtype, self.device = projection.shape, projection.dtype, projection.device
+        self.buffer: torch.Tensor | None = None
+
+    def slot(self, index: int, num_heads: int) -> torch.Tensor:
+        """Slot `index` as the gradient of a head view [B, H, M, D / H]."""
+        if self.buffer is None:
+            self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        B, M, _, D = self.shape
+        return self.buffer[:, :, index].view(B, M, num_heads, D // num_heads).transpose(1, 2)
+
+    def holds(self, index: int, grad: torch.Tensor | None) -> bool:
+        """Whether `grad` (the gradient of slot `index`, [B, M, D]) is that slot of the buffer itself."""
+        if grad is None or self.buffer is None:
+            return False
+        own = self.buffer[:, :, index]
+        return grad.data_ptr() == own.data_ptr() and grad.shape == own.shape and grad.stride() == own.stride()
+
+
 class CrossAttentionFunction(torch.autograd.Function):
     """The eager path: the same launchers without the custom-op dispatch, which costs several times
     more host time per call than the kernels take on the GPU at the real shape."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, fp32_precision):
+    def forward(ctx, q, k, v, key_padding_mask, fp32_precision, kv_gradients=None):
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         out, lse = attention_forward(q, k, v, key_padding_mask, fp32_precision)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.fp32_precision = fp32_precision
+        ctx.kv_gradients = kv_gradients  # (KVGradients, slot of k, slot of v) or None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, ctx.fp32_precision)
-        return dq, dk, dv, None, None
+        kv_grads = None
+        if ctx.kv_gradients is not None:
+            gradients, k_slot, v_slot = ctx.kv_gradients
+            destinations = (gradients.slot(k_slot, k.shape[1]), gradients.slot(v_slot, v.shape[1]))
+            if all(d.shape == t.shape and d.dtype == t.dtype for d, t in zip(destinations, (k, v))):
+                kv_grads = destinations
+        dq, dk, dv = attention_backward(
+            grad_out, q, k, v, out, lse, key_padding_mask, ctx.fp32_precision, kv_grads=kv_grads
+        )
+        return dq, dk, dv, None, None, None

@@ -19,14 +19,17 @@ below 6e-8), so for fp16 the forward stores the bare sign and the backward alway
 Everything is computed only when a gradient is wanted (grad mode on and an input requiring grad);
 under torch.no_grad the forward only reads.
 
-Launches: the forward needs #valid before it writes any gradient, so (when a gradient is wanted)
-a prepare kernel, one program per batch item, first counts the item's valid perm entries and flags
-which predicted rows are matched (the others get an exact-zero gradient); its last program sums
-the counts and stores 1/(D * #valid). The forward kernel runs a grid of up to a few programs per
-SM, each walking tiles of BLOCK_R rows of one batch item x D. Per-tile partial sums and counts go
-to a workspace; the program that finishes last (an integer ticket, reset by that program for the
-next launch) sums the workspace in a fixed order. No float atomics, and the result does not
-depend on the grid size: bit-identical run to run. The backward is one launch.
+Launches: the forward needs #valid before it writes any gradient, so a prepare kernel, one program
+per batch item and O(Np + Nt), first counts the item's valid perm entries and flags which predicted
+rows are matched (a scatter; the others get an exact-zero gradient). The forward kernel runs a grid
+of up to a few programs per SM; each sums the per-item counts (B numbers) for the scale, then walks
+tiles of BLOCK_R rows of one batch item x D. Per-tile partial sums go to a workspace; the program
+that finishes last (an integer ticket) sums them in a fixed order. The ticket is zeroed by the
+prepare kernel of the same call, so a call interrupted half-way (Ctrl-C in the interpreter) cannot
+leave a count that a later call inherits, and a CUDA-graph replay starts from zero too. No float
+atomics, and the result does not depend on the grid size: bit-identical run to run. The workspace
+is reused across calls on a stream; the loss and 1/(D * #valid), which the backward needs, live in
+a small per-call buffer. The backward is one launch.
 """
 from __future__ import annotations
 
@@ -37,15 +40,12 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._utils import num_sms, on_device
+from ._utils import Launcher, num_sms, on_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Workspace layout (fp32): [inv_denominator, stored_scale, per-item valid counts (B, with a gradient),
-# matched flags of the predicted rows (B * Np, with a gradient to pred), tile sums, tile counts]
-_WS_INV = 0
-_WS_SCALE = 1
-_WS_TILES = 2
+# Workspace layout (fp32): [per-item valid counts (B), matched flags of the predicted rows (B * Np, with
+# a gradient to pred), tile sums (one per tile)].
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,56 +56,38 @@ _WS_TILES = 2
 @triton.jit
 def _prepare_kernel(
     perm_ptr,  # int64 [B, Nt], contiguous
-    work_ptr,
-    counter_ptr,
+    work_ptr,  # fp32 workspace, layout above
+    counter_ptr,  # int32 ticket of the forward kernel
     flags_offset,
-    B,
     Np,
     Nt,
-    D,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
-    BLOCK_FINAL: tl.constexpr,
     WRITE_FLAGS: tl.constexpr,
-    PRESCALE_GRAD: tl.constexpr,
 ):
-    """One program per batch item: its number of valid perm entries and, with WRITE_FLAGS,
-    1.0/0.0 per predicted row for matched/unmatched (unmatched rows get a zero gradient). The last
-    program to finish sums the counts (exact integers, fixed order) and stores 1/(D * #valid) and
-    the scale the forward kernel writes into the gradient buffers."""
+    """One program per batch item, O(Np + Nt): the item's number of valid perm entries and, with
+    WRITE_FLAGS, 1.0/0.0 per predicted row for matched/unmatched (zeros, then a scatter of ones).
+    Program 0 also zeroes the forward kernel's ticket: every call starts from 0, whatever an
+    interrupted earlier call left there."""
     b = tl.program_id(0)
+    if b == 0:
+        tl.store(counter_ptr, 0)
     perm_row_ptr = perm_ptr + b.to(tl.int64) * Nt
+    flags_row_ptr = work_ptr + flags_offset + b.to(tl.int64) * Np
+    if WRITE_FLAGS:
+        for i0 in range(0, Np, BLOCK_I):
+            rows = i0 + tl.arange(0, BLOCK_I)
+            tl.store(flags_row_ptr + rows, tl.zeros([BLOCK_I], dtype=tl.float32), mask=rows < Np)
+        tl.debug_barrier()  # the zeros land before the ones below
     count_lanes = tl.zeros([BLOCK_J], dtype=tl.int32)
     for j0 in range(0, Nt, BLOCK_J):
         js = j0 + tl.arange(0, BLOCK_J)
         p = tl.load(perm_row_ptr + js, mask=js < Nt, other=-1)
-        count_lanes += ((p >= 0) & (p < Np)).to(tl.int32)
-    if WRITE_FLAGS:
-        for i0 in range(0, Np, BLOCK_I):
-            rows = i0 + tl.arange(0, BLOCK_I)
-            hits = tl.zeros([BLOCK_I], dtype=tl.int32)
-            for j0 in range(0, Nt, BLOCK_J):
-                js = j0 + tl.arange(0, BLOCK_J)
-                p = tl.load(perm_row_ptr + js, mask=js < Nt, other=-1).to(tl.int32)
-                hits += tl.sum((p[None, :] == rows[:, None]).to(tl.int32), axis=1)
-            tl.store(work_ptr + flags_offset + b.to(tl.int64) * Np + rows, (hits > 0).to(tl.float32), mask=rows < Np)
-    tl.store(work_ptr + 2 + b, tl.sum(count_lanes, axis=0).to(tl.float32))  # <= Nt: exact
-
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr, 1)  # acq_rel: the partials stored above are visible
-    if ticket == tl.num_programs(0) - 1:
-        valid_lanes = tl.zeros([BLOCK_FINAL], dtype=tl.int32)
-        for first in range(0, B, BLOCK_FINAL):
-            items = first + tl.arange(0, BLOCK_FINAL)
-            parts = tl.load(work_ptr + 2 + items, mask=items < B, other=0.0, cache_modifier=".cg")
-            valid_lanes += parts.to(tl.int32)
-        inv_denominator = 1.0 / (tl.maximum(tl.sum(valid_lanes, axis=0), 1).to(tl.float32) * D)
-        tl.store(work_ptr + 0, inv_denominator)
-        if PRESCALE_GRAD:
-            tl.store(work_ptr + 1, inv_denominator)
-        else:
-            tl.store(work_ptr + 1, inv_denominator * 0.0 + 1.0)
-        tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch
+        valid = (p >= 0) & (p < Np)
+        count_lanes += valid.to(tl.int32)
+        if WRITE_FLAGS:
+            tl.store(flags_row_ptr + p, tl.full([BLOCK_J], 1.0, dtype=tl.float32), mask=valid)
+    tl.store(work_ptr + b, tl.sum(count_lanes, axis=0).to(tl.float32))  # <= Nt: exact
 
 
 @triton.jit
@@ -116,8 +98,9 @@ def _token_l1_fwd_kernel(
     grad_pred_ptr,  # [B, Np, D] contiguous, input dtype (unused unless WRITE_GRAD_PRED)
     grad_target_ptr,  # [B, Nt, D] contiguous, input dtype (unused unless WRITE_GRAD_TARGET)
     work_ptr,  # fp32 workspace, layout above
-    loss_ptr,  # fp32 scalar
-    counter_ptr,  # int32 ticket, 0 between launches
+    loss_ptr,  # fp32 [2]: the loss, then 1/(D * #valid) for the backward
+    counter_ptr,  # int32 ticket, zeroed by _prepare_kernel
+    B,
     Np,
     Nt,
     D,
@@ -133,19 +116,30 @@ def _token_l1_fwd_kernel(
     tiles_per_item,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_FINAL: tl.constexpr,
     WRITE_GRAD_PRED: tl.constexpr,
     WRITE_GRAD_TARGET: tl.constexpr,
+    PRESCALE_GRAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     WRITE_GRAD: tl.constexpr = WRITE_GRAD_PRED or WRITE_GRAD_TARGET
 
-    tile_sums_ptr = work_ptr + tiles_offset
-    tile_counts_ptr = tile_sums_ptr + num_tiles
+    # #valid of the whole batch, summed by every program from the per-item counts (B floats, exact
+    # integers, a fixed order): the gradient scale is known before any gradient is written.
+    valid_lanes = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for first in range(0, B, BLOCK_B):
+        items = first + tl.arange(0, BLOCK_B)
+        valid_lanes += tl.load(work_ptr + items, mask=items < B, other=0.0).to(tl.int32)
+    denominator = tl.maximum(tl.sum(valid_lanes, axis=0), 1).to(tl.float32) * D
     if WRITE_GRAD:
-        grad_scale = tl.load(work_ptr + 1)  # from the prepare kernel: needs #valid of the whole batch
+        if PRESCALE_GRAD:
+            grad_scale = 1.0 / denominator
+        else:
+            grad_scale = denominator * 0.0 + 1.0
 
+    tile_sums_ptr = work_ptr + tiles_offset
     row_lanes = tl.arange(0, BLOCK_R)
     col_lanes = tl.arange(0, BLOCK_D)
     for tile in range(pid, num_tiles, num_programs):
@@ -199,31 +193,23 @@ def _token_l1_fwd_kernel(
                     mask=is_target_row[:, None] & col_ok[None, :],
                 )
         tl.store(tile_sums_ptr + tile, tl.sum(abs_sums))
-        tl.store(tile_counts_ptr + tile, tl.sum(valid.to(tl.int32), axis=0).to(tl.float32))
 
     # The last program to finish reduces the per-tile partials in a fixed order.
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1)  # acq_rel: the partials stored above are visible
     if ticket == num_programs - 1:
         total_lanes = tl.zeros([BLOCK_FINAL], dtype=tl.float32)
-        valid_lanes = tl.zeros([BLOCK_FINAL], dtype=tl.int32)
         for first in range(0, num_tiles, BLOCK_FINAL):
             tile_ids = first + tl.arange(0, BLOCK_FINAL)
-            is_tile = tile_ids < num_tiles
-            total_lanes += tl.load(tile_sums_ptr + tile_ids, mask=is_tile, other=0.0, cache_modifier=".cg")
-            tile_valid = tl.load(tile_counts_ptr + tile_ids, mask=is_tile, other=0.0, cache_modifier=".cg")
-            valid_lanes += tile_valid.to(tl.int32)
-        num_valid = tl.sum(valid_lanes, axis=0)
-        denominator = tl.maximum(num_valid, 1).to(tl.float32) * D
+            total_lanes += tl.load(tile_sums_ptr + tile_ids, mask=tile_ids < num_tiles, other=0.0, cache_modifier=".cg")
         tl.store(loss_ptr, tl.sum(total_lanes, axis=0) / denominator)
-        tl.store(work_ptr + 0, 1.0 / denominator)
-        tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch
+        tl.store(loss_ptr + 1, 1.0 / denominator)
 
 
 @triton.jit
 def _token_l1_bwd_kernel(
     grad_loss_ptr,  # fp32 scalar: d(out)/d(loss)
-    work_ptr,
+    loss_ptr,  # fp32 [2] from the forward: [loss, 1/(D * #valid)]
     grad_a_ptr,
     numel_a,
     grad_b_ptr,
@@ -231,10 +217,15 @@ def _token_l1_bwd_kernel(
     blocks_a,
     num_blocks,
     BLOCK: tl.constexpr,
+    PRESCALED: tl.constexpr,
 ):
     # The buffers hold sign(diff) * stored_scale; the wanted gradient is sign(diff) * g / (D * #valid).
-    factor = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(work_ptr + 0)
-    stored_scale = tl.load(work_ptr + 1)
+    inv_denominator = tl.load(loss_ptr + 1)
+    factor = tl.load(grad_loss_ptr).to(tl.float32) * inv_denominator
+    if PRESCALED:
+        stored_scale = inv_denominator
+    else:
+        stored_scale = inv_denominator * 0.0 + 1.0
     if factor != stored_scale:
         lanes = tl.arange(0, BLOCK)
         for block in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
@@ -281,21 +272,13 @@ CPU_CONFIG = GridPolicy(
 BWD_BLOCK = 4096
 BWD_NUM_WARPS = 8
 
+_prepare = Launcher(_prepare_kernel, writes=("work_ptr", "counter_ptr"))
+_forward = Launcher(_token_l1_fwd_kernel, writes=("grad_pred_ptr", "grad_target_ptr", "work_ptr", "loss_ptr", "counter_ptr"))
+_backward = Launcher(_token_l1_bwd_kernel, writes=("grad_a_ptr", "grad_b_ptr"))
 
-_counters: dict = {}
-
-
-def _ticket_counter(device: torch.device) -> torch.Tensor:
-    """One zeroed int32 per (device, stream): kernels on one stream never overlap, and each launch
-    leaves the counter at 0 again. A counter shared across streams could be raced."""
-    if device.type == "cuda":
-        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
-    else:
-        key = (device.type, None)
-    counter = _counters.get(key)
-    if counter is None:
-        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+# (device type, index, stream) -> (fp32 workspace, int32 ticket): reused by every call on that stream.
+# Kernels on one stream never overlap, and nothing in the workspace outlives the forward call.
+_WORKSPACES: dict = {}
 
 
 def _new_buffer(shape, dtype, device) -> torch.Tensor:
@@ -303,11 +286,26 @@ def _new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_forward(pred, target, perm, want_grad_pred: bool, want_grad_target: bool):
-    """Runs the forward kernel. Returns (loss, workspace, grad_pred or None, grad_target or None);
-    the gradient buffers hold sign(diff) * workspace[stored_scale] until the backward kernel runs."""
-    B, Np, D = pred.shape
-    Nt = target.shape[1]
+def _workspace(device: torch.device, numel: int, traced: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workspace (at least `numel` fp32) and the ticket of the forward kernel. Traced calls
+    (torch.compile) get fresh buffers, which the compiler plans; eager calls reuse one per stream."""
+    if traced:
+        return _new_buffer((numel,), torch.float32, device), _new_buffer((1,), torch.int32, device)
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None
+    key = (device.type, device.index, stream)
+    cached = _WORKSPACES.get(key)
+    if cached is None or cached[0].numel() < numel:
+        size = max(numel, 2 * cached[0].numel()) if cached is not None else numel
+        cached = _WORKSPACES[key] = (_new_buffer((size,), torch.float32, device), _new_buffer((1,), torch.int32, device))
+    return cached
+
+
+def _launch_forward(pred, target, perm, want_grad_pred: bool, want_grad_target: bool, traced: bool = False):
+    """Runs the prepare and forward kernels. Returns (loss_and_scale fp32 [2], grad_pred or None,
+    grad_target or None): the loss, 1/(D * #valid), and gradient buffers holding
+    sign(diff) * stored scale until the backward kernel runs."""
+    B, Np, D = map(int, pred.shape)  # int(): under torch.compile, block sizes need static shapes
+    Nt = int(target.shape[1])
     device = pred.device
     on_cuda = device.type == "cuda"
     cfg = CUDA_CONFIG if on_cuda else CPU_CONFIG
@@ -318,75 +316,58 @@ def _launch_forward(pred, target, perm, want_grad_pred: bool, want_grad_target: 
     tiles_per_item = triton.cdiv(max_rows, block_r)
     num_tiles = B * tiles_per_item
     grid = min(num_tiles, num_sms(device.index) * cfg.programs_per_sm if on_cuda else cfg.cpu_programs)
-    write_grad = want_grad_pred or want_grad_target
-    flags_offset = _WS_TILES + (B if write_grad else 0)
+    flags_offset = B
     tiles_offset = flags_offset + (B * Np if want_grad_pred else 0)
 
-    loss = _new_buffer((), torch.float32, device)
-    work = _new_buffer((tiles_offset + 2 * num_tiles,), torch.float32, device)
+    loss = _new_buffer((2,), torch.float32, device)
+    work, counter = _workspace(device, tiles_offset + num_tiles, traced)
     grad_pred = _new_buffer(pred.shape, pred.dtype, device) if want_grad_pred else None
     grad_target = _new_buffer(target.shape, target.dtype, device) if want_grad_target else None
     perm = perm if perm.is_contiguous() else perm.contiguous()
-    counter = _ticket_counter(device)
-    if write_grad:
-        _prepare_kernel[(B,)](
-            perm,
-            work,
-            counter,
-            flags_offset,
-            B,
-            Np,
-            Nt,
-            D,
-            BLOCK_I=min(triton.next_power_of_2(max(Np, 1)), 128),
-            BLOCK_J=min(triton.next_power_of_2(Nt), 128),
-            BLOCK_FINAL=min(triton.next_power_of_2(B), 1024),
-            WRITE_FLAGS=want_grad_pred,
-            PRESCALE_GRAD=pred.dtype != torch.float16,
-            num_warps=4,
-        )
-    _token_l1_fwd_kernel[(grid,)](
-        pred,
-        target,
-        perm,
-        grad_pred if want_grad_pred else work,
-        grad_target if want_grad_target else work,
-        work,
-        loss,
-        counter,
-        Np,
-        Nt,
-        D,
-        flags_offset,
-        tiles_offset,
-        *pred.stride(),
-        *target.stride(),
-        num_tiles,
-        tiles_per_item,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        BLOCK_FINAL=min(triton.next_power_of_2(num_tiles), 1024),
-        WRITE_GRAD_PRED=want_grad_pred,
-        WRITE_GRAD_TARGET=want_grad_target,
-        num_warps=cfg.num_warps,
+    _prepare(
+        (B,),
+        (perm, work, counter, flags_offset, Np, Nt),
+        dict(BLOCK_I=min(triton.next_power_of_2(max(Np, 1)), 128), BLOCK_J=min(triton.next_power_of_2(Nt), 128),
+             WRITE_FLAGS=want_grad_pred),
+        traced, num_warps=4,
     )
-    return loss, work, grad_pred, grad_target
+    _forward(
+        (grid,),
+        (pred, target, perm, grad_pred if want_grad_pred else work, grad_target if want_grad_target else work,
+         work, loss, counter, B, Np, Nt, D, flags_offset, tiles_offset, *map(int, pred.stride()), *map(int, target.stride()),
+         num_tiles, tiles_per_item),
+        dict(BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_B=min(triton.next_power_of_2(B), 1024),
+             BLOCK_FINAL=min(triton.next_power_of_2(num_tiles), 1024), WRITE_GRAD_PRED=want_grad_pred,
+             WRITE_GRAD_TARGET=want_grad_target, PRESCALE_GRAD=prescaled(pred.dtype)),
+        traced, num_warps=cfg.num_warps,
+    )
+    return loss, grad_pred, grad_target
 
 
-def _launch_backward(grad_loss, work, grad_pred, grad_target) -> None:
+def prescaled(dtype: torch.dtype) -> bool:
+    """Whether the forward stores sign(diff) / (D * #valid) (True) or the bare sign (fp16, which
+    cannot hold 1/(D * #valid) for large batches)."""
+    return dtype != torch.float16
+
+
+def _launch_backward(grad_loss, loss, grad_pred, grad_target, traced: bool = False) -> None:
     """Turns the buffers from the forward into the gradients for grad_loss, in place."""
     buffers = [g for g in (grad_pred, grad_target) if g is not None and g.numel() > 0]
     if not buffers:
         return
     a = buffers[0]
     b = buffers[1] if len(buffers) > 1 else a
-    numel_b = b.numel() if len(buffers) > 1 else 0
-    blocks_a = triton.cdiv(a.numel(), BWD_BLOCK)
+    numel_a = int(a.numel())
+    numel_b = int(b.numel()) if len(buffers) > 1 else 0
+    blocks_a = triton.cdiv(numel_a, BWD_BLOCK)
     num_blocks = blocks_a + triton.cdiv(numel_b, BWD_BLOCK)
     # Few programs: with g == 1 (the usual loss.backward()) they all return at once.
     programs = num_sms(a.device.index) * CUDA_CONFIG.bwd_programs_per_sm if a.is_cuda else 2
-    _token_l1_bwd_kernel[(min(num_blocks, programs),)](
-        grad_loss, work, a, a.numel(), b, numel_b, blocks_a, num_blocks, BLOCK=BWD_BLOCK, num_warps=BWD_NUM_WARPS
+    _backward(
+        (min(num_blocks, programs),),
+        (grad_loss, loss, a, numel_a, b, numel_b, blocks_a, num_blocks),
+        dict(BLOCK=BWD_BLOCK, PRESCALED=prescaled(a.dtype)),
+        traced, num_warps=BWD_NUM_WARPS,
     )
 
 
@@ -407,13 +388,13 @@ class TokenL1LossFunction(torch.autograd.Function):
             ctx.save_for_backward(pred, target)
             return loss
         with on_device(pred.device):
-            loss, work, grad_pred, grad_target = _launch_forward(pred, target, perm, want_grad_pred, want_grad_target)
+            loss, grad_pred, grad_target = _launch_forward(pred, target, perm, want_grad_pred, want_grad_target)
         ctx.empty = False
         ctx.want = (want_grad_pred, want_grad_target)
-        ctx.work, ctx.grad_pred, ctx.grad_target = work, grad_pred, grad_target
+        ctx.loss, ctx.grad_pred, ctx.grad_target = loss, grad_pred, grad_target
         if want_grad_pred or want_grad_target:
             ctx.save_for_backward(pred, target, perm)
-        return loss
+        return loss[0]
 
     @staticmethod
     @once_differentiable
@@ -428,14 +409,58 @@ class TokenL1LossFunction(torch.autograd.Function):
                 None,
                 None,
             )
-        work, grad_pred, grad_target = ctx.work, ctx.grad_pred, ctx.grad_target
+        loss, grad_pred, grad_target = ctx.loss, ctx.grad_pred, ctx.grad_target
         with on_device(grad_loss.device):
             if grad_pred is None and grad_target is None:
                 # A second backward through a retained graph: the buffers of the first were handed
                 # to autograd (it may own them as .grad now), so write fresh ones.
                 pred, target, perm = ctx.saved_tensors
-                _, work, grad_pred, grad_target = _launch_forward(pred, target, perm, want_grad_pred, want_grad_target)
+                loss, grad_pred, grad_target = _launch_forward(pred, target, perm, want_grad_pred, want_grad_target)
             # Hand the buffers over without keeping a reference, so autograd can adopt them as .grad.
             ctx.grad_pred = ctx.grad_target = None
-            _launch_backward(grad_loss, work, grad_pred, grad_target)
+            _launch_backward(grad_loss, loss, grad_pred, grad_target)
         return grad_pred, grad_target, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops (torch.library.triton_op: torch.compile traces into the kernels) + autograd
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("collat::token_l1_fwd", mutates_args=())
+def token_l1_fwd(
+    pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, want_grad_pred: bool, want_grad_target: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_and_scale fp32 [2], grad_pred buffer, grad_target buffer); a buffer that is not wanted
+    is an empty tensor. The loss is loss_and_scale[0]."""
+    B, Nt = perm.shape
+    if B == 0 or Nt == 0:
+        loss = torch.zeros(2, dtype=torch.float32, device=pred.device)
+        grad_pred, grad_target = torch.zeros_like(pred), torch.zeros_like(target)
+    else:
+        loss, grad_pred, grad_target = _launch_forward(pred, target, perm, want_grad_pred, want_grad_target, traced=True)
+    return loss, grad_pred if want_grad_pred else pred.new_empty(0), grad_target if want_grad_target else target.new_empty(0)
+
+
+@torch.library.triton_op("collat::token_l1_bwd", mutates_args=("grad_pred", "grad_target"))
+def token_l1_bwd(grad_loss: torch.Tensor, loss: torch.Tensor, grad_pred: torch.Tensor, grad_target: torch.Tensor) -> None:
+    """Scales the forward's gradient buffers in place for the incoming gradient grad_loss[0]."""
+    _launch_backward(grad_loss, loss, grad_pred, grad_target, traced=True)
+
+
+def _l1_setup_context(ctx, inputs, output):
+    _, _, _, want_grad_pred, want_grad_target = inputs
+    loss, grad_pred, grad_target = output
+    ctx.want = (want_grad_pred, want_grad_target)
+    ctx.save_for_backward(loss, grad_pred, grad_target)
+    ctx.mark_non_differentiable(grad_pred, grad_target)
+
+
+def _l1_backward(ctx, grad_loss, _grad_pred, _grad_target):
+    loss, grad_pred, grad_target = ctx.saved_tensors
+    token_l1_bwd(grad_loss.contiguous(), loss, grad_pred, grad_target)
+    want_grad_pred, want_grad_target = ctx.want
+    return grad_pred if want_grad_pred else None, grad_target if want_grad_target else None, None, None, None
+
+
+token_l1_fwd.register_autograd(_l1_backward, setup_context=_l1_setup_context)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from collat.ops import FUSED, REFERENCE, OpSet
+from collat.ops.attention import KVGradients
 
 
 class InteractionBlock(nn.Module):
@@ -59,11 +60,15 @@ class InteractionBlock(nn.Module):
         return x + self.mlp(x)
 
     def forward_fused(
-        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+        kv_gradients: tuple | None = None,
     ) -> torch.Tensor:
-        """The block with K/V given ([B, M, D] each, from TokenInteraction.fused_keys_values)."""
+        """The block with K/V given ([B, M, D] each, from TokenInteraction.fused_keys_values);
+        kv_gradients: (KVGradients, slot of k, slot of v), where their gradients go."""
         q = self.split_heads(self.q_proj(self.norm_x(x)))
-        attn = FUSED.cross_attention(q, self.split_heads(k), self.split_heads(v), key_padding_mask)
+        attn = FUSED.cross_attention(
+            q, self.split_heads(k), self.split_heads(v), key_padding_mask, kv_gradients=kv_gradients
+        )
         x = x + self.out_proj(self.merge_heads(attn))
         return x + self.mlp(x)
 
@@ -111,8 +116,9 @@ class TokenInteraction(nn.Module):
             queries = self.queries
         return queries.to(like.dtype).expand(batch, -1, -1)
 
-    def fused_keys_values(self, audio_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every block's (K, V), [B, M, D] views of one [B, M, depth * 2D] projection of n(a)."""
+    def fused_keys_values(self, audio_tokens: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], KVGradients]:
+        """Every block's (K, V), [B, M, D] views of one [B, M, depth * 2D] projection of n(a), and the
+        one gradient buffer that the blocks' attention backwards write their dK/dV into."""
         eps = {block.norm_a.eps for block in self.blocks}
         if len(eps) != 1:
             raise ValueError(f"the fused path needs one LayerNorm eps for every block's norm_a, got {sorted(eps)}")
@@ -122,18 +128,41 @@ class TokenInteraction(nn.Module):
             folded = [block.folded_kv_params() for block in self.blocks]
         weight = torch.cat([w for w, _ in folded])
         bias = torch.cat([b for _, b in folded])
-        kv = F.linear(normalized, weight, bias)
-        # unbind (one autograd node) rather than slicing: its backward stacks the 2*depth gradients
-        # in one copy instead of adding 2*depth zero-padded full-size tensors.
-        parts = kv.view(B, M, 2 * self.depth, D).unbind(dim=2)
-        return [(parts[2 * i], parts[2 * i + 1]) for i in range(self.depth)]
+        kv = F.linear(normalized, weight, bias).view(B, M, 2 * self.depth, D)
+        gradients = KVGradients(kv)
+        if torch.compiler.is_compiling():
+            parts = kv.unbind(dim=2)  # the compiler plans the gradient buffers itself
+        else:
+            parts = _SplitKeysValues.apply(kv, gradients)
+        return [(parts[2 * i], parts[2 * i + 1]) for i in range(self.depth)], gradients
 
     def forward(self, audio_tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.initial_queries(audio_tokens.shape[0], audio_tokens)
         if self.ops.fused and self.depth > 0:
-            for block, (k, v) in zip(self.blocks, self.fused_keys_values(audio_tokens)):
-                x = block.forward_fused(x, k, v, key_padding_mask)
+            pairs, gradients = self.fused_keys_values(audio_tokens)
+            for i, (block, (k, v)) in enumerate(zip(self.blocks, pairs)):
+                x = block.forward_fused(x, k, v, key_padding_mask, kv_gradients=(gradients, 2 * i, 2 * i + 1))
         else:
             for block in self.blocks:
                 x = block(x, audio_tokens, key_padding_mask)
         return self.head(self.norm_out(x))
+
+
+class _SplitKeysValues(torch.autograd.Function):
+    """kv [B, M, slots, D] -> its slots [B, M, D] (views). The backward hands on the KVGradients
+    buffer that the attention backwards filled, without a copy; a slot whose gradient came from
+    anywhere else (another backend, a second use) makes it stack the slots' gradients instead."""
+
+    @staticmethod
+    def forward(ctx, kv, gradients):
+        ctx.gradients = gradients
+        return kv.unbind(dim=2)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        gradients = ctx.gradients
+        if all(gradients.holds(index, grad) for index, grad in enumerate(grads)):
+            return gradients.buffer, None
+        slots = [torch.zeros(gradients.shape[:2] + gradients.shape[3:], dtype=gradients.dtype, device=gradients.device)
+                 if grad is None else grad for grad in grads]
+        return torch.stack(slots, dim=2), None

@@ -15,19 +15,31 @@ from collat.kernels.attention import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
     CrossAttentionFunction,
+    KVGradients,
     _cross_attention_fwd,
 )
+from collat.ops import reference
 
 
 def _sdpa_fallback(q, k, v, key_padding_mask):
+    """F.scaled_dot_product_attention with the op's contract: padding keys ignored whatever they hold,
+    all-padding rows zeros, a non-finite query row NaN (as the reference gives)."""
+    if 0 in q.shape or k.shape[2] == 0:
+        return reference.cross_attention(q, k, v, key_padding_mask)  # SDPA dies on some empty shapes (H = 0)
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v)
+        # SDPA's CPU kernel turns a NaN/inf query row into zeros; the reference gives NaN.
+        return out + 0 * q.sum(dim=-1, keepdim=True)
     all_padding = key_padding_mask.all(dim=1)  # [B]
+    padding = key_padding_mask[:, None, :, None]
+    # Zeroed padding keys: SDPA masks a score by adding -inf (NaN stays NaN) and multiplies the
+    # values by a zero weight (0 * NaN = NaN).
+    k, v = k.masked_fill(padding, 0), v.masked_fill(padding, 0)
     # SDPA gives NaN for a row with no visible key: let such rows see every key, then zero them
-    # (the multiplication also zeroes their gradients).
+    # (torch.where also zeroes their gradients).
     attend = ~(key_padding_mask & ~all_padding[:, None])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
-    return out * (~all_padding).to(out.dtype)[:, None, None, None]
+    return torch.where(all_padding[:, None, None, None], 0, out)
 
 
 def _check_inputs(q, k, v, key_padding_mask, fp32_precision) -> None:
@@ -73,6 +85,7 @@ def cross_attention(
     key_padding_mask: torch.Tensor | None = None,
     *,
     fp32_precision: str = "tf32x3",
+    kv_gradients: tuple | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for q [B, H, Nq, d], k and v [B, H, Nk, d].
 
@@ -83,6 +96,10 @@ def cross_attention(
     fp32_precision (fp32 inputs on the GPU): "tf32x3" (default) splits each fp32 operand into two TF32
     parts and keeps fp32-level accuracy on the tensor cores; "ieee" uses plain fp32 FMAs (exact, slow);
     "tf32" is the fast, ~1e-3-accurate opt-in.
+
+    kv_gradients: optional (KVGradients, slot of k, slot of v): where k and v are head views of
+    slots of one projection, the Triton backward writes dk and dv straight into that projection's
+    gradient buffer (other backends ignore it; the caller stacks their gradients as usual).
     """
     _check_inputs(q, k, v, key_padding_mask, fp32_precision)
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
@@ -90,5 +107,7 @@ def cross_attention(
     if runs_triton(q.device):
         if torch.compiler.is_compiling():
             return _cross_attention_fwd(q, k, v, key_padding_mask, fp32_precision)[0]
-        return CrossAttentionFunction.apply(q, k, v, key_padding_mask, fp32_precision)
+        return CrossAttentionFunction.apply(q, k, v, key_padding_mask, fp32_precision, kv_gradients)
     return _sdpa_fallback(q, k, v, key_padding_mask)
+
+__all__ = ["cross_attention", "KVGradients"]

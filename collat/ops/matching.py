@@ -28,14 +28,17 @@ METRICS = reference.METRICS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_MAX_N = 1024  # the CUDA kernels keep a lane's taken-columns set in one 32-bit mask
 
-_kernel_cache: dict[tuple[str, str], bool] = {}
+# Resolved once at import: the dispatcher query returns a bool, which torch.compile cannot trace.
+_KERNELS: dict[tuple[str, str], bool] = {
+    (op, device_type): _ext.has_kernel(op, device_type)
+    for op in ("greedy_match", "optimal_match")
+    for device_type in ("cpu", "cuda")
+}
 
 
 def _has_kernel(op: str, device_type: str) -> bool:
-    key = (op, device_type)
-    if key not in _kernel_cache:
-        _kernel_cache[key] = _ext.has_kernel(op, device_type)
-    return _kernel_cache[key]
+    """Whether collat._C has a compiled kernel of `op` for this device type (a plain lookup)."""
+    return _KERNELS.get((op, device_type), False)
 
 
 def _validate(op: str, pred, target, lengths, metric, check_lengths: bool = True):

@@ -80,7 +80,8 @@ def token_l1_loss(
     Differentiable in pred and target; gradients come in the input dtype.
 
     validate=True also checks the values of perm (range, distinctness), which synchronises with
-    the device; by default out-of-range entries are ignored and repeated ones are undefined.
+    the device; by default out-of-range entries (< 0 or >= Np) are ignored on every backend, and
+    repeated ones are undefined.
     CUDA tensors run the Triton kernels, CPU tensors run them in the Triton interpreter when
     TRITON_INTERPRET=1 and otherwise the PyTorch reference.
     """
@@ -90,6 +91,8 @@ def token_l1_loss(
     if not runs_triton(pred.device):
         return reference.token_l1_loss(pred, target, perm)
     grad_on = torch.is_grad_enabled()
-    return TokenL1LossFunction.apply(
-        pred, target, perm, grad_on and pred.requires_grad, grad_on and target.requires_grad
-    )
+    want = (grad_on and pred.requires_grad, grad_on and target.requires_grad)
+    if torch.compiler.is_compiling():
+        # The triton_op: torch.compile traces into its kernels (and CUDA graphs can capture them).
+        return torch.ops.collat.token_l1_fwd(pred, target, perm, *want)[0][0]
+    return TokenL1LossFunction.apply(pred, target, perm, *want)

@@ -141,7 +141,7 @@ def test_backward_falls_back_when_a_config_does_not_fit(monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(attention, "_attn_bwd_fused_kernel", TooBigFor32())
+    monkeypatch.setattr(attention._bwd_fused, "kernel", TooBigFor32())
     monkeypatch.setattr(attention, "_BACKWARD_FALLBACK", {})
     monkeypatch.setattr(attention, "backward_configs", lambda q: [attention.LaunchConfig(32, 4, 1), attention.LaunchConfig(64, 4, 1)])
     B, H, NQ, NK, D = 1, 2, 13, 97, 16
@@ -159,29 +159,42 @@ def test_backward_falls_back_when_a_config_does_not_fit(monkeypatch):
         assert list(attention._BACKWARD_FALLBACK.values()) == [None if refuse_all else 1]
 
 
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("layout_kind", ["head_view", "expand_batch", "transposed"])
+def test_custom_op_passes_opcheck(layout_kind):
     # Schema, fake (meta) impl, autograd registration and AOT dispatch with dynamic shapes, on
-    # strided head views and a mask with an all-padding item.
+    # strided, broadcast and transposed inputs and a mask with an all-padding item.
     B, H, NQ, NK, D = 2, 3, 13, 37, 16
-    q = torch.randn(B, NQ, H * D, device=DEVICE).view(B, NQ, H, D).transpose(1, 2).requires_grad_()
+    if layout_kind == "head_view":
+        q = torch.randn(B, NQ, H * D, device=DEVICE).view(B, NQ, H, D).transpose(1, 2).requires_grad_()
+    else:
+        leaf_shape, view = layout((B, H, NQ, D), layout_kind)
+        q = view(torch.randn(leaf_shape, device=DEVICE)).requires_grad_()
     _, k, v = make_inputs(B, H, NQ, NK, D, torch.float32)
     mask = make_mask(B, NK, "all_masked_item")
     torch.library.opcheck(torch.ops.collat.cross_attention_fwd.default, (q, k, v, mask, "tf32x3"))
 
 
-def test_torch_compile_traces_the_custom_op():
-    # Under torch.compile the front routes to the custom op (opaque to the compiler); aot_eager
-    # traces forward and backward graphs through its fake impls without generating code.
+def test_torch_compile_traces_into_the_kernels():
+    # The ops are torch.library.triton_ops: the compiled graphs hold the Triton kernels themselves
+    # (triton_kernel_wrapper_* nodes), not an opaque op, and give the eager results bit for bit. On
+    # CPU the interpreter runs them under aot_eager: Inductor cannot compile user Triton kernels
+    # without a GPU driver.
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
     B, H, NQ, NK, D = 2, 3, 13, 37, 16
     q, k, v = make_inputs(B, H, NQ, NK, D, torch.float32)
     mask = make_mask(B, NK, "all_masked_item")
     grad = torch.randn(B, H, NQ, D, device=DEVICE)
-    compiled = torch.compile(lambda *a: cross_attention(*a) * 2, backend="aot_eager", fullgraph=True)
+    backend = AotEagerAndRecordGraphs() if DEVICE == "cpu" else "inductor"
+    compiled = torch.compile(lambda *a: cross_attention(*a) * 2, backend=backend, fullgraph=True)
     out, grads = run(compiled, q, k, v, mask, grad)
     eager_out, eager_grads = run(lambda *a: cross_attention(*a) * 2, q, k, v, mask, grad)
     torch.testing.assert_close(out, eager_out, atol=0, rtol=0)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    if DEVICE == "cpu":
+        assert "triton_kernel_wrapper" in str(backend.fw_graphs[0].code)
+        assert "triton_kernel_wrapper" in str(backend.bw_graphs[0].code)
 
 
 def test_fully_masked_rows_give_zeros_and_zero_grads():
@@ -209,10 +222,15 @@ def test_masked_keys_get_zero_grads_and_do_not_change_the_output():
     torch.testing.assert_close(out, short_out, atol=1e-6, rtol=1e-5)
 
 
+def poisoned(buffer, view):
+    buffer.fill_(float("nan"))
+    return buffer, view
+
+
 def test_poisoned_buffers_are_fully_overwritten(monkeypatch):
     # Every buffer the launchers allocate starts as NaN: any element a kernel forgets to write shows up.
     allocate = attention._empty_in_layout_of
-    monkeypatch.setattr(attention, "_empty_in_layout_of", lambda t: allocate(t).fill_(float("nan")))
+    monkeypatch.setattr(attention, "_empty_in_layout_of", lambda t: poisoned(*allocate(t)))
     empty = torch.empty
     monkeypatch.setattr(attention.torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
     empty_like = torch.empty_like
@@ -443,3 +461,149 @@ def test_sm_scale_matches_definition():
     out = cross_attention(q, k, v)
     weight = math.exp(16 / 4) / (1 + math.exp(16 / 4))
     torch.testing.assert_close(out, torch.full_like(out, weight))
+
+
+def layout(shape, kind):
+    """(shape of a leaf, a function viewing the leaf as `shape` [B, H, N, d] with the given layout)."""
+    B, H, N, D = shape
+    return {
+        "contiguous": ((B, H, N, D), lambda t: t),
+        "expand_batch": ((1, H, N, D), lambda t: t.expand(B, H, N, D)),  # stride 0 over B
+        "expand_batch_and_heads": ((1, 1, N, D), lambda t: t.expand(B, H, N, D)),  # stride 0 over B and H
+        "expand_rows": ((B, H, 1, D), lambda t: t.expand(B, H, N, D)),  # stride 0 over N
+        "transposed": ((B, H, D, N), lambda t: t.transpose(2, 3)),  # last-dim stride != 1
+        "offset": ((B + 1, H, N + 2, D + 3), lambda t: t[1:, :, 2:, 3:]),  # starts inside its storage
+    }[kind]
+
+
+LAYOUTS = ["contiguous", "expand_batch", "expand_batch_and_heads", "expand_rows", "transposed", "offset"]
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "kv"])
+@pytest.mark.parametrize("kind", LAYOUTS[1:])
+def test_every_input_layout_gives_the_contiguous_result(which, kind, monkeypatch):
+    # Issue 17.1: stride-0 inputs made the launcher allocate out/dq/dk/dv with a last-dim stride != 1,
+    # which the kernels do not support (outputs off by up to 1e28). Buffers start as NaN.
+    allocate = attention._empty_in_layout_of
+    monkeypatch.setattr(attention, "_empty_in_layout_of", lambda t: poisoned(*allocate(t)))
+    B, H, NQ, NK, D = 2, 2, 5, 7, 16
+    leaves, views = {}, {}
+    for name, n in (("q", NQ), ("k", NK), ("v", NK)):
+        leaf_shape, views[name] = layout((B, H, n, D), kind if name in which else "contiguous")
+        leaves[name] = torch.randn(leaf_shape, device=DEVICE, requires_grad=True)
+    mask = make_mask(B, NK, "tail")
+    grad = torch.randn(B, H, NQ, D, device=DEVICE)
+    out = cross_attention(*(views[n](leaves[n]) for n in "qkv"), mask)
+    out.backward(grad)
+    ours = [out.detach()] + [leaves[n].grad for n in "qkv"]
+    doubles = {n: leaves[n].detach().double().requires_grad_() for n in "qkv"}
+    ref_out = reference.cross_attention(*(views[n](doubles[n]) for n in "qkv"), mask)
+    ref_out.backward(grad.double())
+    refs = [ref_out.detach()] + [doubles[n].grad for n in "qkv"]
+    for name, o, r in zip(["out", "dq", "dk", "dv"], ours, refs):
+        assert o.shape == r.shape, name
+        torch.testing.assert_close(o.double(), r, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+BACKENDS = {
+    "ours": cross_attention,  # Triton (CUDA, or the interpreter on CPU)
+    "sdpa_fallback": attention_front._sdpa_fallback,  # CPU tensors outside the interpreter
+    "reference": reference.cross_attention,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_padding_keys_are_ignored(backend, where, value):
+    # Issue 17.2: a NaN/inf in a padding key reached the unpadded queries (SDPA fallback: through the
+    # additive -inf mask; every backend: through 0 * NaN in P V and in dS K).
+    fn = BACKENDS[backend]
+    device = "cpu" if backend == "sdpa_fallback" else DEVICE
+    B, H, NQ, NK, D = 2, 2, 5, 9, 16
+    q, k, v = make_inputs(B, H, NQ, NK, D, torch.float32, device=device)
+    mask = torch.zeros(B, NK, dtype=torch.bool, device=device)
+    mask[:, 6:] = True
+    mask[1] = True  # an item with no visible key
+    grad = torch.randn(B, H, NQ, D, device=device)
+    clean_out, clean_grads = run(fn, q, k, v, mask, grad)
+    poisoned = {"k": k.detach().clone(), "v": v.detach().clone()}
+    poisoned[where][:, :, 7] = value
+    poisoned[where][1, :, 2] = value  # inside the all-padding item
+    out, grads = run(fn, q, poisoned["k"], poisoned["v"], mask, grad)
+    torch.testing.assert_close(out, clean_out, atol=1e-6, rtol=1e-5)
+    for name, g, clean in zip("qkv", grads, clean_grads):
+        torch.testing.assert_close(g, clean, atol=1e-6, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+        assert torch.isfinite(g).all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_non_finite_query_row_gives_nan_there_only(backend, with_mask):
+    # Issue 17.2: SDPA's CPU kernel gave 0.0 for a NaN query row; the reference gives NaN.
+    fn = BACKENDS[backend]
+    device = "cpu" if backend == "sdpa_fallback" else DEVICE
+    B, H, NQ, NK, D = 2, 2, 5, 9, 16
+    q, k, v = (t.detach() for t in make_inputs(B, H, NQ, NK, D, torch.float32, device=device))
+    mask = None
+    if with_mask:
+        mask = torch.zeros(B, NK, dtype=torch.bool, device=device)
+        mask[0, 6:] = True
+    clean = fn(q, k, v, mask)
+    for value in (math.nan, math.inf):
+        bad = q.clone()
+        bad[0, 1, 3] = value
+        out = fn(bad, k, v, mask)
+        assert out[0, 1, 3].isnan().all(), (value, out[0, 1, 3])
+        out[0, 1, 3] = clean[0, 1, 3]
+        torch.testing.assert_close(out, clean, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 2, 5, 7, 16), (2, 0, 5, 7, 16), (2, 2, 0, 7, 16), (2, 2, 5, 0, 16), (0, 0, 0, 0, 16)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_every_empty_dimension_on_every_backend(backend, shape, with_mask):
+    # Issue 17.12: H = 0 killed the process (SIGFPE inside SDPA); Nk = 0 broke the reference (amax).
+    fn = BACKENDS[backend]
+    device = "cpu" if backend == "sdpa_fallback" else DEVICE
+    B, H, NQ, NK, D = shape
+    q, k, v = make_inputs(B, H, NQ, NK, D, torch.float32, device=device)
+    mask = torch.zeros(B, NK, dtype=torch.bool, device=device) if with_mask else None
+    out = fn(q, k, v, mask)
+    assert out.shape == (B, H, NQ, D) and (out == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interrupts programs of the Triton interpreter")
+@pytest.mark.parametrize("interrupt_at", [1, 2, 3])
+def test_a_backward_interrupted_mid_launch_leaves_later_calls_exact(interrupt_at, monkeypatch):
+    # With key splits, the last split of a head sums the dq parts (a per-head ticket). Ctrl-C between
+    # the interpreter's programs must not leave a ticket that a later call inherits.
+    from triton.runtime import interpreter
+
+    B, H, NQ, NK, D = 1, 2, 5, 300, 16
+    q, k, v = (t.detach() for t in make_inputs(B, H, NQ, NK, D, torch.float32))
+    grad = torch.randn(B, H, NQ, D, device=DEVICE)
+    out, lse = attention.attention_forward(q, k, v, None)
+    config = attention.LaunchConfig(block_n=64, num_warps=4, num_stages=1, num_splits=3)
+    expected = attention.attention_backward(grad, q, k, v, out, lse, None, config=config, mode="fused")
+    programs = []
+    real_set_grid_idx = interpreter.interpreter_builder.set_grid_idx
+
+    def counting_set_grid_idx(*idx):
+        programs.append(idx)
+        if len(programs) == interrupt_at:
+            raise KeyboardInterrupt
+        return real_set_grid_idx(*idx)
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "set_grid_idx", counting_set_grid_idx)
+    with pytest.raises(KeyboardInterrupt):  # another gradient: stale dq parts would show
+        attention.attention_backward(-grad, q, k, v, out, lse, None, config=config, mode="fused")
+    monkeypatch.undo()
+    attention.attention_backward(-grad, q, k, v, out, lse, None, config=config, mode="fused")
+    for _ in range(2):
+        again = attention.attention_backward(grad, q, k, v, out, lse, None, config=config, mode="fused")
+        for a, b in zip(again, expected):
+            assert torch.equal(a, b)

@@ -137,8 +137,8 @@ def test_fp16_buffers_carry_the_bare_sign():
     # forward stores sign(diff) unscaled for fp16 and the backward always applies g/(D * #valid);
     # with a loss-scaler-sized g the result must match PyTorch's own fp16 gradient.
     pred, target, perm = make_inputs(2, 9, 9, 5, torch.float16)
-    _, work, grad_pred, _ = token_l1._launch_forward(pred, target, perm, True, False)
-    assert work[token_l1._WS_SCALE].item() == 1.0
+    assert not token_l1.prescaled(torch.float16)
+    _, grad_pred, _ = token_l1._launch_forward(pred, target, perm, True, False)
     assert set(grad_pred.unique().tolist()) <= {-1.0, 0.0, 1.0}
     g = torch.tensor(65536.0)
     ours = loss_and_grads(token_l1_loss, pred, target, perm, g)
@@ -146,6 +146,39 @@ def test_fp16_buffers_carry_the_bare_sign():
     torch_own = loss_and_grads(reference.token_l1_loss, pred, target, perm, g)
     for o, t, e in zip(ours, torch_own, exact):
         assert _max_error(o, e) <= _allowed_error(o, t, e)
+
+
+def _independent_sign_gradients(pred, target, perm, dtype):
+    """sign(pred[b, i] - target[b, j]) / (D * #valid) at (b, i) and its negative at (b, j), in a loop."""
+    B, Np, D = pred.shape
+    grad_pred, grad_target = torch.zeros(pred.shape), torch.zeros(target.shape)
+    pairs = [(b, j, int(perm[b, j])) for b in range(B) for j in range(perm.shape[1]) if 0 <= perm[b, j] < Np]
+    scale = torch.tensor(1.0) / torch.tensor(float(len(pairs) * D))  # fp32, as the kernel rounds it
+    for b, j, i in pairs:
+        sign = torch.sign(pred[b, i].float() - target[b, j].float())
+        grad_pred[b, i] = sign * scale
+        grad_target[b, j] = -sign * scale
+    return grad_pred.to(dtype), grad_target.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_writes_the_final_gradient_and_unit_g_skips_the_rewrite(dtype):
+    # The forward must leave sign(diff) / (D * #valid) in the buffers, so that loss.backward() (g == 1)
+    # has nothing left to do: a forward storing any other scale, which a backward that always
+    # rewrites would hide, fails the first check; a backward that rewrites at g == 1 fails the second.
+    pred, target, perm = make_inputs(3, 13, 11, 33, dtype)
+    perm[1, 2:] = -1
+    loss, grad_pred, grad_target = token_l1._launch_forward(pred, target, perm, True, True)
+    expected_pred, expected_target = _independent_sign_gradients(pred, target, perm, dtype)
+    assert token_l1.prescaled(dtype)
+    assert torch.equal(grad_pred, expected_pred.to(DEVICE)) and torch.equal(grad_target, expected_target.to(DEVICE))
+    marked = (perm[0] >= 0).nonzero()[0, 0]
+    sentinel = grad_pred[0, perm[0, marked]].clone()
+    grad_pred[0, perm[0, marked]] = 2 * sentinel  # a value no rewrite would leave in place
+    token_l1._launch_backward(torch.tensor(1.0, device=DEVICE), loss, grad_pred, grad_target)
+    assert torch.equal(grad_pred[0, perm[0, marked]], 2 * sentinel), "the backward rewrote the buffers at g == 1"
+    token_l1._launch_backward(torch.tensor(0.5, device=DEVICE), loss, grad_pred, grad_target)
+    torch.testing.assert_close(grad_pred[0, perm[0, marked]], 0.5 * sentinel)  # rewritten: g != 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,9 +259,10 @@ def test_every_buffer_element_is_written(monkeypatch):
     # Poison everything the launchers allocate: grad_pred's unmatched rows and grad_target's
     # invalid rows must come out as exact zeros, not NaN.
     def poisoned(shape, dtype, device):
-        return torch.full(shape, math.nan, dtype=dtype, device=device)
+        return torch.full(shape, math.nan if dtype.is_floating_point else 12345, dtype=dtype, device=device)
 
     monkeypatch.setattr(token_l1, "_new_buffer", poisoned)
+    monkeypatch.setattr(token_l1, "_WORKSPACES", {})  # the workspace too, and the ticket
     pred, target, perm = make_inputs(3, 13, 13, 77, torch.float32)
     perm[1] = -1
     for g in (1.0, 0.3):
@@ -300,6 +334,95 @@ def test_grads_accumulate_and_retained_graph_backward_twice():
     (2.0 * loss).backward()  # a second pass may not reuse (or corrupt) the first pass's buffers
     torch.testing.assert_close(first.double(), ref_grad_pred, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(p.grad.double(), 3 * ref_grad_pred, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interrupts programs of the Triton interpreter")
+@pytest.mark.parametrize("interrupt_at", [1, 2, 3, 4, 5, 6])
+def test_a_call_interrupted_mid_launch_leaves_later_calls_exact(interrupt_at, monkeypatch):
+    # Issue 17.3: Ctrl-C inside a launch (the interpreter runs one program after the other) left the
+    # reduction ticket counted up, and every later loss in the process was wrong.
+    from triton.runtime import interpreter
+
+    pred, target, perm = make_inputs(2, 13, 13, 77, torch.float32)
+    expected = oracle(pred, target, perm, torch.tensor(1.0))
+    programs = []
+    real_set_grid_idx = interpreter.interpreter_builder.set_grid_idx
+
+    def counting_set_grid_idx(*idx):
+        programs.append(idx)
+        if len(programs) == interrupt_at:
+            raise KeyboardInterrupt
+        return real_set_grid_idx(*idx)
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "set_grid_idx", counting_set_grid_idx)
+    with pytest.raises(KeyboardInterrupt):
+        loss_and_grads(token_l1_loss, pred, target, perm, torch.tensor(1.0))
+    monkeypatch.undo()
+    for _ in range(2):
+        ours = loss_and_grads(token_l1_loss, pred, target, perm, torch.tensor(1.0))
+        for name, o, e in zip(("loss", "grad_pred", "grad_target"), ours, expected):
+            torch.testing.assert_close(o.double(), e, rtol=1e-5, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def _independent_loss(pred, target, perm):
+    """The loss of the docstring, by a loop in float64 over the entries with 0 <= perm[b, j] < Np."""
+    B, Np, D = pred.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        for j in range(perm.shape[1]):
+            i = int(perm[b, j])
+            if 0 <= i < Np:
+                total += float((pred[b, i].double() - target[b, j].double()).abs().sum())
+                count += 1
+    return total / (max(count, 1) * D)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference_fallback"])
+def test_out_of_range_perm_entries_and_what_invalid_rows_hold_are_ignored(backend, monkeypatch):
+    # Issue 17.16: the fallback raised "index 7 is out of bounds" for perm >= Np, although the
+    # docstring says such entries are ignored; an invalid target row or an unmatched predicted row
+    # holding NaN must not reach the loss or any gradient either.
+    if backend == "reference_fallback":
+        monkeypatch.setattr("collat.kernels._utils.INTERPRET", False)
+    pred, target, _ = make_inputs(2, 7, 9, 5, torch.float32, device="cpu")
+    perm = torch.tensor([[0, 7, 3, -1, 12, -5, 6, 2, 1], [9, -1, -1, 4, 0, 7, 100, 5, -2]])
+    target[0, 1] = math.nan  # perm 7 >= Np: invalid
+    target[1, 2] = math.inf  # perm -1
+    pred[1, 6] = math.nan  # matched by nobody
+    loss, grad_pred, grad_target = loss_and_grads(token_l1_loss, pred, target, perm, torch.tensor(1.0))
+    assert math.isclose(loss.item(), _independent_loss(pred, target, perm), rel_tol=1e-6)
+    expected_pred, expected_target = _independent_sign_gradients(pred, target, perm, torch.float32)
+    torch.testing.assert_close(grad_pred, expected_pred, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_target, expected_target, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("want", [(True, False), (False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("B", [0, 3])
+def test_custom_op_passes_opcheck(want, B):
+    pred, target, perm = make_inputs(B, 9, 7, 17, torch.float32)
+    pred.requires_grad_(want[0])
+    target.requires_grad_(want[1])
+    torch.library.opcheck(torch.ops.collat.token_l1_fwd.default, (pred, target, perm, *want))
+
+
+def test_torch_compile_traces_into_the_kernels():
+    # torch.library.triton_op: the compiled graphs hold the Triton kernels (triton_kernel_wrapper_*),
+    # and the results equal eager bit for bit, for g == 1 and another g. On CPU the interpreter runs
+    # them under aot_eager (Inductor cannot compile user Triton kernels without a GPU driver).
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    pred, target, perm = make_inputs(3, 13, 11, 33, torch.float32)
+    backend = AotEagerAndRecordGraphs() if DEVICE == "cpu" else "inductor"
+    step = lambda p, t, m: 3 * token_l1_loss(p, t, m)  # noqa: E731
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    for g in (1.0 / 3, 0.7):
+        ours = loss_and_grads(compiled, pred, target, perm, torch.tensor(g))
+        eager = loss_and_grads(step, pred, target, perm, torch.tensor(g))
+        for a, b in zip(ours, eager):
+            assert torch.equal(a, b)
+    if DEVICE == "cpu":
+        assert "triton_kernel_wrapper" in str(backend.fw_graphs[0].code)
+        assert "triton_kernel_wrapper" in str(backend.bw_graphs[0].code)
 
 
 def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
@@ -422,9 +545,10 @@ def test_gpu_real_shape(dtype, B):
 @pytest.mark.gpu
 def test_gpu_poisoned_buffers_and_empty_batch(monkeypatch):
     def poisoned(shape, dtype, device):
-        return torch.full(shape, math.nan, dtype=dtype, device=device)
+        return torch.full(shape, math.nan if dtype.is_floating_point else 12345, dtype=dtype, device=device)
 
     monkeypatch.setattr(token_l1, "_new_buffer", poisoned)
+    monkeypatch.setattr(token_l1, "_WORKSPACES", {})
     pred, target, perm = make_inputs(64, 77, 77, 512, torch.bfloat16, device="cuda")
     ours = loss_and_grads(token_l1_loss, pred, target, perm, torch.tensor(1.0, device="cuda"))
     assert not any(t.isnan().any() for t in ours)

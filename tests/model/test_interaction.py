@@ -52,6 +52,59 @@ def test_fused_matches_reference_fp32(with_mask):
     assert all(grads[f"blocks.{i}.norm_a.weight"].abs().sum() > 0 for i in range(2))
 
 
+def _layer_norm(x, weight, bias, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def hand_written_forward(params, queries, audio, mask, depth, heads):
+    """f_at of DESIGN.md section 1 from the raw parameters, in float64, without the module's code:
+    x = N(0, 1) queries; per block x += CrossAttn(LN(x), LN(a)); x += MLP(LN(x)); then LN, Linear."""
+    p = {name: t.double() for name, t in params.items()}
+    a = audio.double()
+    B, M, D = a.shape
+    d = D // heads
+    x = queries.double().expand(B, -1, -1)
+    for i in range(depth):
+        w = lambda name: p[f"blocks.{i}.{name}"]
+        q = _layer_norm(x, w("norm_x.weight"), w("norm_x.bias")) @ w("q_proj.weight").T + w("q_proj.bias")
+        kv = _layer_norm(a, w("norm_a.weight"), w("norm_a.bias")) @ w("kv_proj.weight").T + w("kv_proj.bias")
+        k, v = kv[..., :D], kv[..., D:]
+        out = torch.zeros_like(x)
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            scores = q[..., cols] @ k[..., cols].transpose(1, 2) / d**0.5
+            if mask is not None:
+                scores = scores.masked_fill(mask[:, None, :], float("-inf"))
+            weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an item with no visible key: zeros
+            out[..., cols] = weights @ v[..., cols]
+        x = x + out @ w("out_proj.weight").T + w("out_proj.bias")
+        hidden = _layer_norm(x, w("norm_mlp.weight"), w("norm_mlp.bias")) @ w("fc1.weight").T + w("fc1.bias")
+        hidden = 0.5 * hidden * (1 + torch.erf(hidden / 2**0.5))
+        x = x + hidden @ w("fc2.weight").T + w("fc2.bias")
+    return _layer_norm(x, p["norm_out.weight"], p["norm_out.bias"]) @ p["head.weight"].T + p["head.bias"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_output_equals_a_hand_written_computation_from_the_parameters(fused):
+    # Both paths against an independent computation: a wrong order of the output head (head before
+    # norm_out), shared by the two paths, cannot pass here.
+    module = perturbed_module(ops=op_set(fused))
+    audio = torch.randn(2, 33, 48, device=DEVICE)
+    mask = torch.rand(2, 33, device=DEVICE) < 0.3
+    mask[1] = True
+    out, audio_grad, grads = forward_backward(module, audio, mask)
+    params = {name: p.detach().double().requires_grad_() for name, p in module.named_parameters()}
+    audio64 = audio.double().requires_grad_()
+    expected = hand_written_forward(params, module.queries, audio64, mask, depth=2, heads=3)
+    torch.testing.assert_close(out.double(), expected.detach(), atol=1e-5, rtol=1e-5)
+    (expected * torch.linspace(-1, 1, 48, device=DEVICE, dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(audio_grad.double(), audio64.grad, atol=1e-5, rtol=1e-4)
+    for name, p in params.items():
+        torch.testing.assert_close(grads[name].double(), p.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_state_dict_is_identical_and_loads_into_either():
     reference = perturbed_module()
     fused = TokenInteraction(48, 7, depth=2, num_heads=3, seed=1, ops=FUSED).to(DEVICE)
@@ -139,3 +192,50 @@ def test_gpu_compiled_fused_module_matches_eager():
     out, audio_grad, grads = forward_backward(compiled, audio, None)
     torch.testing.assert_close(out, eager_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(audio_grad, eager_audio_grad, atol=1e-4, rtol=1e-3)
+
+
+def test_fused_backward_writes_every_blocks_dk_dv_into_one_buffer(monkeypatch):
+    # Issue 18.5: the attention backwards write dK/dV of all blocks straight into the fused K/V
+    # projection's gradient buffer; the split node hands that buffer on (no stack of 2 * depth
+    # gradients). Gradients still equal the reference path's.
+    from collat.model import interaction
+
+    handed_on = []
+    real_backward = interaction._SplitKeysValues.backward
+
+    def recording_backward(ctx, *grads):
+        result = real_backward(ctx, *grads)
+        handed_on.append(result[0] is ctx.gradients.buffer)
+        return result
+
+    monkeypatch.setattr(interaction._SplitKeysValues, "backward", staticmethod(recording_backward))
+    module = perturbed_module(depth=3)
+    audio = torch.randn(2, 33, 48, device=DEVICE)
+    mask = torch.rand(2, 33, device=DEVICE) < 0.3
+    ref_out, ref_audio_grad, ref_grads = forward_backward(module, audio, mask)
+    module.ops = FUSED
+    out, audio_grad, grads = forward_backward(module, audio, mask)
+    assert handed_on == [True]
+    torch.testing.assert_close(audio_grad, ref_audio_grad, atol=1e-5, rtol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_second_use_of_a_kv_slot_falls_back_to_stacking():
+    # A gradient that does not come from the attention backward (here: K of block 0 also feeds a
+    # second term) must not be dropped: the split node then stacks the slots' gradients.
+    module = perturbed_module(ops=FUSED)
+    audio = torch.randn(2, 20, 48, device=DEVICE, requires_grad=True)
+    pairs, gradients = module.fused_keys_values(audio)
+    x = module.initial_queries(2, audio)
+    for i, (block, (k, v)) in enumerate(zip(module.blocks, pairs)):
+        x = block.forward_fused(x, k, v, None, kv_gradients=(gradients, 2 * i, 2 * i + 1))
+    (x.sum() + pairs[0][0].sum()).backward()
+    fused_grad = audio.grad.clone()
+    audio.grad = None
+    pairs, _ = module.fused_keys_values(audio)
+    x = module.initial_queries(2, audio)
+    for block, (k, v) in zip(module.blocks, pairs):
+        x = block.forward_fused(x, k, v, None)  # no kv_gradients: plain stacking
+    (x.sum() + pairs[0][0].sum()).backward()
+    torch.testing.assert_close(fused_grad, audio.grad, atol=1e-6, rtol=1e-5)

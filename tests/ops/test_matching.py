@@ -259,6 +259,21 @@ def test_torch_compile_with_the_fake_kernel():
     assert torch.equal(compiled(pred, target, lengths), step(pred, target, lengths))
 
 
+def test_torch_compile_fullgraph_of_the_fronts_in_a_fresh_process():
+    # Issue 17.13: the backend was picked on the first call with a dispatcher query that returns a
+    # bool, so compiling the front before any eager call failed ("torch.* op returned non-Tensor").
+    script = """
+import torch, collat
+pred, target, lengths = torch.randn(2, 7, 5), torch.randn(2, 7, 5), torch.tensor([7, 3])
+for fn in (collat.greedy_match, collat.optimal_match):
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(pred, target, lengths), fn(pred, target, lengths)), fn.__name__
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA (run by the lead on an H100/H200; skipped here).
 
