@@ -19,6 +19,7 @@ from collat.config import CoLLATConfig
 from collat.data.audio_io import load_audio
 from collat.model import audio as audio_lib
 from collat.model import losses as L
+from collat.model.augment import SpecMasks
 from collat.model.interaction import TokenInteraction
 from collat.model.pretrained import PretrainedMixin, checkpoint_folder
 from collat.model.text import LockedTextEncoder, build_text_encoder
@@ -74,32 +75,29 @@ class CoLLAT(PretrainedMixin, nn.Module):
     def audio_tokens_from_fbank(self, fbank: torch.Tensor) -> torch.Tensor:
         return self.interaction(self.audio(fbank))
 
-    def compute_losses(self, wave: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
-        """All three losses for a batch of waves [B, T] (16 kHz) and their prompts.
+    def compute_losses(self, wave: torch.Tensor, texts: list[str], spec_masks: SpecMasks | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """All three losses for a batch of waves [B, T] (16 kHz, one length) and their prompts.
 
-        Returns loss (weighted total), l_ct, l_cg, l_ut and logit_scale (exp(t), detached).
-        The clean and noisy fbanks go through AST and f_at as ONE batched pass.
+        Returns loss (weighted total), l_ct, l_cg, l_ut and logit_scale (exp(t), detached). The text side
+        comes first (it needs no audio). L_ut's noisy twins are the first round(noisy_fraction * B) clips
+        with Gaussian noise of std noise_std on the waveform (or on the normalised fbank, per
+        ut_noise_domain); clean clips and twins go through the front end, AST and f_at as ONE batched
+        pass. `spec_masks` (training augmentation) masks each clip's fbank, a twin's like its clip's.
+        No host sync: counts are Python ints, lengths come from the mask, and matching skips its range check.
         """
         cfg = self.config
         if len(texts) != wave.shape[0]:
             raise ValueError(f"texts must have one prompt per wave: {wave.shape[0]} waves, {len(texts)} texts")
-        fbank = self.frontend(wave.to(self.device))
-        B = fbank.shape[0]
+        h_t, z_t, lengths = self.text_targets(texts)
+        B = wave.shape[0]
         wants_ut = cfg.lambda_ut > 0 and cfg.noise_std > 0
         num_noisy = noisy_twin_count(cfg.noisy_fraction, B, *L.distributed_world()) if wants_ut else 0
-        if num_noisy:
-            noisy = fbank[:num_noisy] + cfg.noise_std * torch.randn_like(fbank[:num_noisy])
-            fbank = torch.cat([fbank, noisy], dim=0)
+        fbank = self.fbank_with_twins(wave.to(self.device, non_blocking=True), num_noisy, spec_masks)
         h_all = self.audio_tokens_from_fbank(fbank)
         h_at = h_all[:B].float()
 
-        ids, mask = self.text.tokenize(texts)
-        with torch.no_grad():
-            h_t = self.text.embed(ids).float()
-            z_t = F.normalize(self.text.encode_text(ids, mask).float(), dim=-1)
-        lengths = mask.sum(dim=1)
-
-        l_ct, _ = L.cross_token_loss(h_at, h_t, lengths, cfg.matching, cfg.metric, self.ops)
+        l_ct, _ = L.cross_token_loss(h_at, h_t, lengths, cfg.matching, cfg.metric, self.ops, check_lengths=False)
         z_a = F.normalize(self.text.encode_predicted(h_all[:B]).float(), dim=-1)
         logit_scale = L.clamped_logit_scale(self.logit_scale)
         l_cg = self.contrastive(z_a, z_t, logit_scale)
@@ -113,9 +111,32 @@ class CoLLAT(PretrainedMixin, nn.Module):
         loss = cfg.lambda_ct * l_ct + cfg.lambda_cg * l_cg + cfg.lambda_ut * l_ut
         return {"loss": loss, "l_ct": l_ct, "l_cg": l_cg, "l_ut": l_ut, "logit_scale": logit_scale.detach()}
 
-    def forward(self, wave: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+    def text_targets(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h_t [B, N, D] fp32, z_t [B, E] normalised, lengths [B]) of the prompts, without gradients."""
+        ids, mask = self.text.tokenize(texts)
+        with torch.no_grad():
+            h_t = self.text.embed(ids).float()
+            z_t = F.normalize(self.text.encode_text(ids, mask).float(), dim=-1)
+        return h_t, z_t, mask.sum(dim=1)
+
+    def fbank_with_twins(self, wave: torch.Tensor, num_noisy: int, spec_masks: SpecMasks | None = None) -> torch.Tensor:
+        """Fbanks [B + num_noisy, frames, mels]: the clips, then noisy twins of the first num_noisy clips."""
+        cfg = self.config
+        if num_noisy and cfg.ut_noise_domain == "waveform":
+            twins = wave[:num_noisy].float() + cfg.noise_std * torch.randn_like(wave[:num_noisy], dtype=torch.float32)
+            fbank = self.frontend(torch.cat([wave.float(), twins], dim=0))
+        else:
+            fbank = self.frontend(wave)
+            if num_noisy:
+                noisy = fbank[:num_noisy] + cfg.noise_std * torch.randn_like(fbank[:num_noisy])
+                fbank = torch.cat([fbank, noisy], dim=0)
+        if spec_masks is not None:
+            fbank = spec_masks.with_twins(num_noisy).apply(fbank, self.frontend.padding_value)
+        return fbank
+
+    def forward(self, wave: torch.Tensor, texts: list[str], spec_masks: SpecMasks | None = None) -> dict[str, torch.Tensor]:
         """The training forward (= compute_losses), so DistributedDataParallel can wrap the model."""
-        return self.compute_losses(wave, texts)
+        return self.compute_losses(wave, texts, spec_masks)
 
     # ------------------------------------------------------------------ inference
     def _waves(self, audio) -> list[torch.Tensor]:

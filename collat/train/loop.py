@@ -24,6 +24,7 @@ from collat.fileio import atomic_write_text
 from collat.model import CoLLAT
 from collat.model.losses import LOGIT_SCALE_MAX
 from collat.prompts import make_prompt
+from collat.train.augment import augmented_inputs
 from collat.train.batching import batch_stream, datasets
 from collat.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -186,7 +187,7 @@ class Trainer:
         """One optimizer step; returns the logged record and whether any rank got a signal."""
         model, world = self.model, self.world
         with autocast(self.device, self.config.amp):
-            terms = train_module(batch["wave"].to(self.device, non_blocking=True), batch["text"])
+            terms = train_module(**augmented_inputs(batch, step, self.config, self.device, self.world.rank))
         loss = terms["loss"]
         finite = torch.isfinite(loss.detach()).float()
         if world.size > 1:
