@@ -33,7 +33,8 @@ def datasets(model_config: CoLLATConfig, train_config: TrainConfig):
         return train, (manifest_eval_sets(train_config, model_config.clip_seconds) if train_config.evaluate else {})
     from collat.data.soundfont import SEEN_CLASSES, SoundfontDataset
 
-    train = SoundfontDataset("train", size=train_config.train_size, classes=SEEN_CLASSES, sources=(1, 3), **common)
+    train = SoundfontDataset("train", size=train_config.train_size, classes=SEEN_CLASSES, sources=(1, 3),
+                             variety=train_config.render_variety, **common)
     return train, (embedded_eval_sets(train_config, model_config.clip_seconds) if train_config.evaluate else {})
 
 
