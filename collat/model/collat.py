@@ -26,6 +26,8 @@ from collat.model.text import LockedTextEncoder, build_text_encoder
 from collat.ops import OpSet, op_set
 from collat.prompts import make_prompt
 
+COMPILE_MODES = ("default", "reduce-overhead")
+
 
 class CoLLAT(PretrainedMixin, nn.Module):
     def __init__(self, config: CoLLATConfig | None = None):
@@ -137,6 +139,50 @@ class CoLLAT(PretrainedMixin, nn.Module):
     def forward(self, wave: torch.Tensor, texts: list[str], spec_masks: SpecMasks | None = None) -> dict[str, torch.Tensor]:
         """The training forward (= compute_losses), so DistributedDataParallel can wrap the model."""
         return self.compute_losses(wave, texts, spec_masks)
+
+    # ------------------------------------------------------------------ training speed options
+    def compile_for_training(self, mode: str = "default", backend: str = "inductor") -> None:
+        """torch.compile the audio encoder, the interaction module and the text tower's forward in place
+        (parameter names and checkpoints are unchanged). mode: "default", or "reduce-overhead" (CUDA
+        graphs of the static-shape parts), or "none"; `backend` as torch.compile's (tests use "aot_eager",
+        which traces the same graphs without generating code). Fused ops stay inside: they are registered custom
+        ops. AST and the interaction compile with fullgraph=True; the text tower allows graph breaks
+        (transformers' BERT and open_clip's tower are not written for one graph)."""
+        if mode == "none":
+            return
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {('none',) + COMPILE_MODES}, got {mode!r}")
+        options = {"mode": None if mode == "default" else mode, "backend": backend}
+        if backend != "inductor":  # modes are inductor options
+            options.pop("mode")
+        self.audio.compile(fullgraph=True, **options)
+        self.interaction.compile(fullgraph=True, **options)
+        self.text.forward_tokens = torch.compile(self.text.forward_tokens, **options)
+
+    def enable_fp8_training(self) -> None:
+        """fp8 matmuls for AST's linear layers through torchao's float8 training (dynamic scaling); CUDA
+        only, with torchao installed. Parameters stay fp32 (same names), so checkpoints load either way."""
+        if self.device.type != "cuda":
+            raise RuntimeError(f"fp8 training needs a CUDA GPU (float8 GEMMs); the model is on {self.device}. "
+                               "Drop --fp8 or train on a GPU.")
+        try:
+            from torchao.float8 import convert_to_float8_training
+        except ImportError as error:
+            raise RuntimeError(f"fp8 training needs torchao (`pip install torchao`): {error}") from None
+        capability = torch.cuda.get_device_capability(self.device)
+        if capability < (8, 9):
+            raise RuntimeError(f"fp8 training needs a GPU of compute capability >= 8.9 (Ada/Hopper), got {capability}")
+
+        def fp8_friendly(module: nn.Module, name: str) -> bool:  # float8 GEMMs want dims divisible by 16
+            return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+        convert_to_float8_training(self.audio.ast.encoder, module_filter_fn=fp8_friendly)
+
+    def prepare_training(self, compile_mode: str = "none", fp8: bool = False) -> None:
+        """The training speed options of TrainConfig (fp8 first: compilation must see the fp8 layers)."""
+        if fp8:
+            self.enable_fp8_training()
+        self.compile_for_training(compile_mode)
 
     # ------------------------------------------------------------------ inference
     def _waves(self, audio) -> list[torch.Tensor]:

@@ -89,6 +89,7 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.model = (model if model is not None else CoLLAT(self.model_config)).to(self.device)
+        self.model.prepare_training(cfg.compile, cfg.fp8)  # before the optimizer: fp8 swaps AST's linear layers
         if hasattr(train_dataset, "class_names"):
             check_prompt_length(self.model, train_dataset.class_names)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.device)
