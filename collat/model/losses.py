@@ -51,7 +51,10 @@ def share_of_global_mean(local_mean: torch.Tensor, local_count) -> torch.Tensor:
     _, world_size = distributed_world()
     if world_size == 1:
         return local_mean
-    count = torch.as_tensor(local_count, dtype=torch.float64, device=local_mean.device).reshape(())
+    if isinstance(local_count, torch.Tensor):
+        count = local_count.to(device=local_mean.device, dtype=torch.float64).reshape(())
+    else:  # a Python count: filled on the device (as_tensor would copy from the host, a sync on a GPU)
+        count = torch.full((), float(local_count), dtype=torch.float64, device=local_mean.device)
     total = count.clone()
     dist.all_reduce(total)
     return local_mean * (world_size * count / total.clamp(min=1.0)).to(local_mean.dtype)
