@@ -65,6 +65,8 @@ class CoLLATConfig:
     stop_grad_clean: bool = _field(False, "stop the gradient of L_ut through the clean branch")
     ut_noise_domain: Literal["waveform", "fbank"] = _field(
         "waveform", "where L_ut's noise goes: the waveform (the paper's noisy audio) or the normalised fbank")
+    twins_in_main_losses: bool = _field(False, "noisy twins also enter L_ct and L_cg with their clip's prompt: the "
+                                        "main losses see noisy audio next to its clean version (beyond the paper)")
     local_loss: bool = _field(False, "under torchrun, L_cg over this rank's rows against all ranks' columns "
                               "(open_clip's --local-loss)")
     gather_with_grad: bool = _field(True, "under torchrun, gather L_cg's features with gradients (open_clip's "
@@ -104,7 +106,8 @@ class TrainConfig:
     spec_time_mask: int = _field(80, "SpecAugment: widest time mask in fbank frames (AST: 192 of 1024); 0: none")
     spec_freq_mask: int = _field(24, "SpecAugment: widest frequency mask in mel bins (AST: 48 of 128); 0: none")
     gain_db: float = _field(6.0, "random gain of each clip, uniform in +-gain_db dB; 0: none")
-    polarity: bool = _field(True, "flip the sign of each clip with probability 1/2")
+    polarity: bool = _field(False, "flip the sign of each clip with probability 1/2 (off: the kaldi fbank of -x "
+                            "is that of x, so it changes nothing before a fbank front end)")
     time_shift: float = _field(0.5, "roll each clip circularly by up to this many seconds; 0: none")
     mixup: float = _field(0.25, "probability that a clip is mixed with another clip of the batch (labels and "
                           "prompts combined, 'A and B'; only where the names fit max_mixup_names); 0: none")

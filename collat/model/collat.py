@@ -85,7 +85,9 @@ class CoLLAT(PretrainedMixin, nn.Module):
         comes first (it needs no audio). L_ut's noisy twins are the first round(noisy_fraction * B) clips
         with Gaussian noise of std noise_std on the waveform (or on the normalised fbank, per
         ut_noise_domain); clean clips and twins go through the front end, AST and f_at as ONE batched
-        pass. `spec_masks` (training augmentation) masks each clip's fbank, a twin's like its clip's.
+        pass. With twins_in_main_losses the twins also enter L_ct (with their clip's prompt) and L_cg (audio
+        to text, among the batch's prompts). `spec_masks` (training augmentation) masks each clip's fbank,
+        a twin's like its clip's.
         No host sync: counts are Python ints, lengths come from the mask, and matching skips its range check.
         """
         cfg = self.config
@@ -94,17 +96,24 @@ class CoLLAT(PretrainedMixin, nn.Module):
         h_t, z_t, lengths = self.text_targets(texts)
         B = wave.shape[0]
         wants_ut = cfg.lambda_ut > 0 and cfg.noise_std > 0
-        num_noisy = noisy_twin_count(cfg.noisy_fraction, B, *L.distributed_world()) if wants_ut else 0
-        fbank = self.fbank_with_twins(wave.to(self.device, non_blocking=True), num_noisy, spec_masks)
+        wants_twins = cfg.noise_std > 0 and (cfg.lambda_ut > 0 or cfg.twins_in_main_losses)
+        k = noisy_twin_count(cfg.noisy_fraction, B, *L.distributed_world()) if wants_twins else 0
+        fbank = self.fbank_with_twins(wave.to(self.device, non_blocking=True), k, spec_masks)
         h_all = self.audio_tokens_from_fbank(fbank)
         h_at = h_all[:B].float()
 
-        l_ct, _ = L.cross_token_loss(h_at, h_t, lengths, cfg.matching, cfg.metric, self.ops, check_lengths=False)
-        z_a = F.normalize(self.text.encode_predicted(h_all[:B]).float(), dim=-1)
+        rows = B + k if cfg.twins_in_main_losses else B  # twins are matched with their clip's prompt
+        l_ct, _ = L.cross_token_loss(h_all[:rows].float(), torch.cat([h_t, h_t[: rows - B]]),
+                                     torch.cat([lengths, lengths[: rows - B]]), cfg.matching, cfg.metric, self.ops,
+                                     check_lengths=False)
+        z_a = F.normalize(self.text.encode_predicted(h_all[:rows]).float(), dim=-1)
         logit_scale = L.clamped_logit_scale(self.logit_scale)
-        l_cg = self.contrastive(z_a, z_t, logit_scale)
+        l_cg = self.contrastive(z_a[:B], z_t, logit_scale)
+        if rows > B:  # each twin picks its clip's prompt among the batch's (audio -> text), weighted per row
+            l_twins = F.cross_entropy(logit_scale * z_a[B:] @ z_t.T, torch.arange(k, device=z_t.device))
+            l_cg = (B * l_cg + k * l_twins) / rows
         if wants_ut:  # on every rank, even one without twins: the loss all-reduces its token count
-            clean = h_at[:num_noisy]
+            clean = h_at[:k]
             if cfg.stop_grad_clean:
                 clean = clean.detach()
             l_ut = L.unimodal_token_loss(clean, h_all[B:].float(), self.ops)

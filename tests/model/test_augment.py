@@ -66,6 +66,15 @@ def test_random_polarity_flips_whole_clips():
     assert (flipped | kept).all() and 10 < int(flipped.sum()) < 54
 
 
+def test_polarity_does_not_change_the_fbank():
+    """Why `polarity` is off by default: the kaldi power spectrum of -x is bit-identical to that of x."""
+    from collat.model.audio import FbankFrontEnd
+
+    w = waves(B=3, T=8000)
+    front = FbankFrontEnd(target_frames=50)
+    assert torch.equal(front(-w), front(w))
+
+
 def test_random_time_shift_rolls_each_clip():
     w = waves(B=16, T=500)
     out = random_time_shift(w, 100, gen())

@@ -193,6 +193,33 @@ def test_noisy_twins_pair_with_their_own_clips(model, waves):
     assert out["l_ut"] < 1e-3 * wrong_pairing
 
 
+def test_twins_in_main_losses_match_a_hand_computation(model, waves):
+    """twins_in_main_losses: the twins are matched with their clip's prompt in L_ct, and each picks its clip's
+    prompt among the batch's in L_cg (audio -> text); the twin terms are weighted per row. Twins are made
+    even with lambda_ut = 0."""
+    from collat.ops import reference
+
+    model.config.noisy_fraction, model.config.lambda_ut, model.config.twins_in_main_losses = 0.5, 0.0, True
+    store = {}
+    handle = capture(model.interaction, store, "h_all")
+    out = model.compute_losses(waves, TEXTS)
+    handle.remove()
+    h_all = store["h_all"].float()
+    assert h_all.shape[0] == 6 and out["l_ut"] == 0
+    texts = TEXTS + TEXTS[:2]
+    ids, mask = model.text.tokenize(texts)
+    h_t, lengths = model.text.embed(ids).float(), mask.sum(1)
+    perm = reference.greedy_match(h_all.detach(), h_t, lengths)
+    total = sum((h_all[b, perm[b, j]] - h_t[b, j]).abs().sum() for b in range(6) for j in range(int(lengths[b])))
+    torch.testing.assert_close(out["l_ct"], total / (h_t.shape[-1] * int(lengths.sum())), rtol=1e-5, atol=1e-6)
+    z_t = F.normalize(model.text.encode_text(ids[:4], mask[:4]).float(), dim=-1)
+    z_a = F.normalize(model.text.encode_predicted(store["h_all"]).float(), dim=-1)
+    logits = model.logit_scale.exp() * z_a @ z_t.T  # [6, 4]
+    clean = (F.cross_entropy(logits[:4], torch.arange(4)) + F.cross_entropy(logits[:4].T, torch.arange(4))) / 2
+    twins = F.cross_entropy(logits[4:], torch.arange(2))
+    torch.testing.assert_close(out["l_cg"], (4 * clean + 2 * twins) / 6, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("stop_grad_clean", [True, False])
 def test_stop_grad_clean_blocks_l_ut_gradient_to_the_clean_branch(model, waves, stop_grad_clean):
     model.config.lambda_ct, model.config.lambda_cg, model.config.lambda_ut = 0.0, 0.0, 1.0
