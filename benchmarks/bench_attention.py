@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from collat.kernels import attention
+from collat.kernels._utils import runs_triton
+from collat.kernels.attention import LaunchConfig
 from harness import Report, measure, parser
 
-from collat.kernels._utils import runs_triton
 from collat.ops import reference
-from collat.kernels import attention
-from collat.kernels.attention import LaunchConfig
 from collat.ops.attention import cross_attention
 
 try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 
 import torch
+from collat.kernels._utils import runs_triton
 from harness import Report, measure, parser
 
-from collat.kernels._utils import runs_triton
 from collat.model.interaction import TokenInteraction
 from collat.ops import op_set
 

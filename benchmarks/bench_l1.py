@@ -23,10 +23,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from collat.kernels import token_l1  # noqa: E402
 from harness import Report, devices, measure, parser  # noqa: E402
 
 from collat.ops import reference  # noqa: E402
-from collat.kernels import token_l1  # noqa: E402
 from collat.ops.token_l1 import token_l1_loss  # noqa: E402
 
 N, D = 77, 512

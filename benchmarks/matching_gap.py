@@ -18,11 +18,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from collat import ops  # noqa: E402
-from collat.ops import reference  # noqa: E402
 from collat.data.collate import collate  # noqa: E402
 from collat.data.soundfont import SoundfontDataset  # noqa: E402
 from collat.fileio import atomic_write_text  # noqa: E402
 from collat.model import CoLLAT  # noqa: E402
+from collat.ops import reference  # noqa: E402
 
 
 def embeddings(model: CoLLAT, dataset, batch_size: int = 64):

@@ -131,9 +131,14 @@ class CoLLATConfig:
     lambda_ct: float = _field(1.0, "weight of the token loss L_ct")
     lambda_cg: float = _field(0.1, "weight of the global contrastive loss L_cg")
     lambda_ut: float = _field(0.01, "weight of the noise-robustness loss L_ut")
-    noise_std: float = _field(0.1, "std of the Gaussian noise of L_ut's noisy twins (on the normalised fbank)")
+    noise_std: float = _field(0.1, "std of the Gaussian noise of L_ut's noisy twins (on the waveform, or on the "
+                              "normalised fbank: see ut_noise_domain)")
     noisy_fraction: float = _field(1.0, "fraction of the batch that gets a noisy twin for L_ut")
     stop_grad_clean: bool = _field(False, "stop the gradient of L_ut through the clean branch")
+    ut_noise_domain: Literal["waveform", "fbank"] = _field(
+        "waveform", "where L_ut's noise goes: the waveform (the paper's noisy audio) or the normalised fbank")
+    twins_in_main_losses: bool = _field(False, "noisy twins also enter L_ct and L_cg with their clip's prompt: the "
+                                        "main losses see noisy audio next to its clean version (beyond the paper)")
     local_loss: bool = _field(False, "under torchrun, L_cg over this rank's rows against all ranks' columns "
                               "(open_clip's --local-loss)")
     gather_with_grad: bool = _field(True, "under torchrun, gather L_cg's features with gradients (open_clip's "
@@ -182,6 +187,27 @@ class TrainConfig:
     weight_decay: float = _field(0.05, "AdamW weight decay (not on biases, norms, positions, the temperature)")
     warmup_steps: int = _field(20, "linear warmup steps")
     grad_clip: float = _field(1.0, "gradient norm clip")
+    # augmentation and compilation
+    augment: bool = _field(True, "training augmentation (the options below; never at evaluation or inference)")
+    spec_time_mask: int = _field(80, "SpecAugment: widest time mask in fbank frames (AST: 192 of 1024); 0: none")
+    spec_freq_mask: int = _field(24, "SpecAugment: widest frequency mask in mel bins (AST: 48 of 128); 0: none")
+    gain_db: float = _field(6.0, "random gain of each clip, uniform in +-gain_db dB; 0: none")
+    polarity: bool = _field(False, "flip the sign of each clip with probability 1/2 (off: the kaldi fbank of -x "
+                            "is that of x, so it changes nothing before a fbank front end)")
+    time_shift: float = _field(0.5, "roll each clip circularly by up to this many seconds; 0: none")
+    mixup: float = _field(0.25, "probability that a clip is mixed with another clip of the batch (labels and "
+                          "prompts combined, 'A and B'; only where the names fit max_mixup_names); 0: none")
+    max_mixup_names: int = _field(3, "most class names a mixed clip's prompt may hold")
+    noise_augment: float = _field(0.0, "fraction of clips that get Gaussian waveform noise before every loss sees "
+                                  "them (robustness to noisy audio); 0: none")
+    noise_augment_std: float = _field(0.1, "largest std of that noise (each clip draws its std uniformly from 0 "
+                                      "up to it)")
+    noise_augment_ramp: int = _field(0, "steps over which that largest std ramps up from 0 (a curriculum); 0: none")
+    render_variety: bool = _field(True, "embedded data: vary the rendering of training clips (velocity, detune, "
+                                  "vibrato, note lengths), each clip still a pure function of its index")
+    compile: Literal["none", "default", "reduce-overhead"] = _field(
+        "none", "torch.compile the audio encoder, interaction module and text tower (reduce-overhead: CUDA graphs)")
+    fp8: bool = _field(False, "fp8 matmuls in the AST linear layers (torchao float8 training; CUDA only)")
     seed: int = _field(0, "seed of the model's initialisation, the batch order and the training noise")
     amp: Literal["auto", "bf16", "none"] = _field(
         "auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere (emulated bf16 is "

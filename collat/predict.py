@@ -12,7 +12,12 @@ import torch
 
 from collat.data.audio_io import AudioReadError, audio_info, load_audio
 from collat.device import resolve_device
-from collat.evaluate.cli_support import CheckpointError, load_model_checked, positive_float, positive_int
+from collat.evaluate.cli_support import (
+    CheckpointError,
+    load_model_checked,
+    positive_float,
+    positive_int,
+)
 from collat.fileio import atomic_write_text, check_writable
 from collat.model import inference
 from collat.prompts import make_prompt

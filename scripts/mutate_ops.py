@@ -1,7 +1,10 @@
 """Deliberately broken variants of the ops (one-line mutants) against the adversarial suite: each must
 be killed (a test fails). Usage: python scripts/mutate_ops.py [M1 M5 ...] (default: all). Restores
 every file it touches, also on Ctrl-C."""
-import subprocess, sys, pathlib
+import pathlib
+import subprocess
+import sys
+
 root = pathlib.Path(__file__).resolve().parent.parent
 mutants = [
  ("M1 output layout ignores stride-0 (old _empty_in_layout_of)", "kernels/attention.py",

@@ -17,8 +17,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from collat.ops import reference  # noqa: E402
 import collat.ops  # noqa: E402,F401  (registers the ops)
+from collat.ops import reference  # noqa: E402
 
 
 def unaligned(x: torch.Tensor) -> torch.Tensor:

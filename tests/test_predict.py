@@ -12,7 +12,6 @@ import torch
 from collat import predict
 
 
-
 def _wav(path, seconds, seed=0, rate=16000):
     wave = 0.2 * np.random.default_rng(seed).standard_normal(int(seconds * rate)).astype(np.float32)
     soundfile.write(path, wave, rate)

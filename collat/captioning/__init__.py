@@ -17,7 +17,13 @@ from collat.captioning.decoder import (
     sequence_log_prob,
     train_captioner,
 )
-from collat.captioning.metrics import bleu, caption_metrics, cider_d, external_metrics, rouge_l
+from collat.captioning.metrics import (
+    bleu,
+    caption_metrics,
+    cider_d,
+    external_metrics,
+    rouge_l,
+)
 from collat.captioning.vocab import Vocabulary, tokenize_caption
 
 __all__ = ["Captioner", "caption_files", "extract_memory", "CaptionDecoder", "CaptionerConfig", "CaptionTraining",

@@ -10,8 +10,19 @@ import os
 import sys
 
 from collat.captioning import aac
-from collat.captioning.caption import FEATURES, Captioner, caption_files, extract_memory, recorded_model
-from collat.captioning.decoder import CaptionerConfig, CaptionTraining, save_captioner, train_captioner
+from collat.captioning.caption import (
+    FEATURES,
+    Captioner,
+    caption_files,
+    extract_memory,
+    recorded_model,
+)
+from collat.captioning.decoder import (
+    CaptionerConfig,
+    CaptionTraining,
+    save_captioner,
+    train_captioner,
+)
 from collat.captioning.metrics import SCORERS, TOKENIZERS, caption_metrics
 from collat.captioning.vocab import Vocabulary
 from collat.data.gm_sounds import SEEN_CLASSES

@@ -34,6 +34,13 @@ SPLITS = ("train", "val", "test")
 PERCUSSION_CHANNEL = 9
 PERCUSSION_BANK = 128
 PEAK_LEVEL = 0.9  # the mixed clip is scaled so max |wave| == PEAK_LEVEL
+# Rendering variety (training data only): velocity shift, note-length scale, detune, vibrato.
+VARIETY_STREAM = 1  # extra seed word of the variety draws: the base draws of an item do not change
+VARIETY_VELOCITY_SHIFT = (-40, 7)
+VARIETY_MIN_VELOCITY = 40
+VARIETY_LENGTH_SCALE = (0.6, 1.5)
+VARIETY_DETUNE_CENTS = 40.0
+VARIETY_MAX_VIBRATO = 100
 SILENCE_PEAK = 1e-3  # a source whose peak stays below this was not rendered: an error, not a label
 FLUSH_NOTES = 16  # piano notes of 1-2 voices each; a source holds at most ~6 voices at once
 FLUSH_LOW_KEY = 36
@@ -75,6 +82,8 @@ class SourceSpec:
     onset: int  # frames from the start of the clip, a multiple of BLOCK
     notes: tuple[Note, ...]
     gain: float  # the source is scaled to this peak before mixing
+    bend: int = 0  # pitch-wheel offset (2048 = one semitone); rendering variety only
+    vibrato: int = 0  # modulation wheel, CC 1 (0-127): vibrato depth; rendering variety only
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,33 @@ def draw_clip(rng: np.random.Generator, class_names: list[str], sources: tuple[i
     order = rng.permutation(count).tolist() if shuffle_labels else list(range(count))
     names = tuple(class_names[picked[k]] for k in order)
     return ClipSpec(tuple(specs), names, num_frames, sample_rate)
+
+
+def vary_clip(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
+    """Rendering variety the synthesizer gives for free, drawn from a stream of its own so the base
+    choices stay those of the plain data set: softer and louder playing (velocity, which also picks the
+    soundfont's velocity layer and filter), detune up to +-VARIETY_DETUNE_CENTS, vibrato depth, and notes
+    played shorter or longer. Reverb and chorus stay off: their tails would leak from clip to clip."""
+    sources = []
+    for source in spec.sources:
+        scale = float(rng.uniform(*VARIETY_LENGTH_SCALE))
+        shift = int(rng.integers(*VARIETY_VELOCITY_SHIFT, endpoint=True))
+        notes, start = [], 0
+        for k, note in enumerate(source.notes):  # lengths and the gaps between hits scale alike
+            length = _scaled_frames(note.length, scale, spec.sample_rate)
+            velocity = int(np.clip(note.velocity + shift, VARIETY_MIN_VELOCITY, 127))
+            notes.append(Note(note.key, velocity, start, length))
+            if k + 1 < len(source.notes):
+                gap = source.notes[k + 1].start - note.start - note.length
+                start += length + (_scaled_frames(gap, scale, spec.sample_rate) if gap > 0 else 0)
+        bend = int(round(rng.uniform(-1, 1) * VARIETY_DETUNE_CENTS / 100 * 2048))
+        vibrato = int(rng.integers(0, VARIETY_MAX_VIBRATO, endpoint=True))
+        sources.append(SourceSpec(source.name, source.onset, tuple(notes), source.gain, bend, vibrato))
+    return ClipSpec(tuple(sources), spec.names, spec.num_frames, spec.sample_rate)
+
+
+def _scaled_frames(frames: int, scale: float, sample_rate: int) -> int:
+    return _blocks(frames * scale / sample_rate, sample_rate) * BLOCK
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,12 +218,17 @@ class _Renderer:
         self._render(BLOCK)
 
     def render_source(self, cls: SoundClass, notes: tuple[Note, ...], max_frames: int,
-                      release_seconds: float = 0.5) -> np.ndarray:
-        """The source alone, from its onset: at most `max_frames` frames, ending in a short fade."""
+                      release_seconds: float = 0.5, bend: int = 0, vibrato: int = 0) -> np.ndarray:
+        """The source alone, from its onset: at most `max_frames` frames, ending in a short fade.
+        bend (pitch wheel) and vibrato (CC 1) are set for this source and put back to 0 after it."""
         channel = PERCUSSION_CHANNEL if cls.percussion else 0
         bank, program = (PERCUSSION_BANK, 0) if cls.percussion else (0, cls.program)
         if self.synth.program_select(channel, self.sfid, bank, program) != 0:
             raise RuntimeError(f"the soundfont has no preset bank={bank} program={program} for {cls.name!r}")
+        varied = bool(bend or vibrato)
+        if varied:
+            self.synth.pitch_bend(channel, bend)
+            self.synth.cc(channel, 1, vibrato)
         events = []
         for note in notes:
             events.append((note.start, 1, note))
@@ -210,6 +251,9 @@ class _Renderer:
         if end > now:
             pieces.append(self._render(end - now))
         self.synth.all_sounds_off(channel)
+        if varied:  # back to the state every plain source starts from
+            self.synth.pitch_bend(channel, 0)
+            self.synth.cc(channel, 1, 0)
         self._render(BLOCK)
         self._flush()
         wave = np.concatenate(pieces)[:max_frames]
@@ -239,7 +283,8 @@ def render_clip(spec: ClipSpec, renderer: _Renderer) -> tuple[np.ndarray, list[n
     """
     placed = []
     for source in spec.sources:
-        alone = renderer.render_source(CLASS_BY_NAME[source.name], source.notes, spec.num_frames - source.onset)
+        alone = renderer.render_source(CLASS_BY_NAME[source.name], source.notes, spec.num_frames - source.onset,
+                                       bend=source.bend, vibrato=source.vibrato)
         peak = float(np.abs(alone).max())
         if peak < SILENCE_PEAK:
             raise RuntimeError(
@@ -266,12 +311,16 @@ class SoundfontDataset(torch.utils.data.Dataset):
     `np.random.default_rng([seed, split_index, i])`, so splits draw from distinct streams and never
     share clips. `shuffle_labels` (default: True for "train" only) shuffles the class order of the
     prompt; otherwise classes appear in `class_names` order. With `cache=True` rendered items are
-    kept in memory (per process; about 256 KiB per 4 s clip at 16 kHz).
+    kept in memory (per process; about 256 KiB per 4 s clip at 16 kHz). `variety=True` adds the
+    rendering variety of `vary_clip`, drawn from `np.random.default_rng([seed, split_index, i,
+    VARIETY_STREAM])`: items stay pure functions of (seed, split, i), and their classes, keys, onsets and
+    prompts are those of the plain data set.
     """
 
     def __init__(self, split: str = "train", size: int = 1024, seed: int = 0, classes: list[str] | None = None,
                  sources: tuple[int, int] = (1, 3), clip_seconds: float = 4.0, sample_rate: int = 16000,
-                 soundfont: str | None = None, shuffle_labels: bool | None = None, cache: bool = False):
+                 soundfont: str | None = None, shuffle_labels: bool | None = None, cache: bool = False,
+                 variety: bool = False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not isinstance(size, int) or size < 0:
@@ -303,6 +352,7 @@ class SoundfontDataset(torch.utils.data.Dataset):
         self.soundfont = find_soundfont(soundfont)
         self.shuffle_labels = (split == "train") if shuffle_labels is None else bool(shuffle_labels)
         self.cache = {} if cache else None
+        self.variety = bool(variety)
 
     def __len__(self) -> int:
         return self.size
@@ -311,8 +361,10 @@ class SoundfontDataset(torch.utils.data.Dataset):
         """Every random choice of item `index` (classes, notes, onsets, levels, prompt order)."""
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for a data set of size {self.size}")
-        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
-        return draw_clip(rng, self.class_names, self.sources, self.num_frames, self.sample_rate, self.shuffle_labels)
+        key = [self.seed, SPLITS.index(self.split), index]
+        spec = draw_clip(np.random.default_rng(key), self.class_names, self.sources, self.num_frames, self.sample_rate,
+                         self.shuffle_labels)
+        return vary_clip(spec, np.random.default_rng(key + [VARIETY_STREAM])) if self.variety else spec
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)

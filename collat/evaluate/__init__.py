@@ -8,10 +8,28 @@
     quick.py     the short table at the end of a training run
     __main__.py  `python -m collat.evaluate`
 """
-from collat.evaluate.features import NOISE_DOMAINS, Noise, class_prompt_embeddings, extract_features
-from collat.evaluate.probes import ProbeDecoder, ProbeTraining, decoder_probe, logistic_probe
+from collat.evaluate.features import (
+           NOISE_DOMAINS,
+           Noise,
+           class_prompt_embeddings,
+           extract_features,
+)
+from collat.evaluate.probes import (
+           ProbeDecoder,
+           ProbeTraining,
+           decoder_probe,
+           logistic_probe,
+)
 from collat.evaluate.sets import ClipSet, embedded_sets, manifest_sets
-from collat.evaluate.tasks import DEFINITIONS, PROBES, TASKS, EvalOptions, evaluate_set, format_table, run_evaluation
+from collat.evaluate.tasks import (
+           DEFINITIONS,
+           PROBES,
+           TASKS,
+           EvalOptions,
+           evaluate_set,
+           format_table,
+           run_evaluation,
+)
 
 __all__ = ["NOISE_DOMAINS", "Noise", "class_prompt_embeddings", "extract_features", "ProbeDecoder", "ProbeTraining",
            "decoder_probe", "logistic_probe", "ClipSet", "embedded_sets", "manifest_sets", "DEFINITIONS", "PROBES",

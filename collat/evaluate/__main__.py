@@ -17,8 +17,20 @@ from collat.evaluate.cli_support import (
 )
 from collat.evaluate.features import NOISE_DOMAINS
 from collat.evaluate.probes import ProbeTraining
-from collat.evaluate.sets import ClipSet, embedded_sets, fold_sets, manifest_sets, progress
-from collat.evaluate.tasks import PROBES, TASKS, EvalOptions, format_table, run_evaluation
+from collat.evaluate.sets import (
+    ClipSet,
+    embedded_sets,
+    fold_sets,
+    manifest_sets,
+    progress,
+)
+from collat.evaluate.tasks import (
+    PROBES,
+    TASKS,
+    EvalOptions,
+    format_table,
+    run_evaluation,
+)
 from collat.fileio import atomic_write_text, check_writable
 
 EXIT_ERROR = 1

@@ -18,7 +18,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from collat.evaluate import metrics
-from collat.evaluate.features import NOISE_DOMAINS, Noise, class_prompt_embeddings, extract_features
+from collat.evaluate.features import (
+    NOISE_DOMAINS,
+    Noise,
+    class_prompt_embeddings,
+    extract_features,
+)
 from collat.evaluate.probes import ProbeTraining, decoder_probe, logistic_probe
 from collat.evaluate.sets import ClipSet
 

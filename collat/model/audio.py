@@ -6,9 +6,11 @@ never a random crop) -> AST patches 16x16 with stride 10 in both axes -> patch t
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
+import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
@@ -20,6 +22,11 @@ FRAME_SHIFT_MS = 10
 FRAME_LENGTH_MS = 25
 PATCH = 16
 STRIDE = 10
+PREEMPHASIS = 0.97  # kaldi's preemphasis_coefficient
+BLACKMAN_COEFF = 0.42  # kaldi's blackman_coeff
+EPSILON = torch.finfo(torch.float32).eps  # kaldi's floor of the mel energies before the log
+CPU_SLICE_FRAMES = 1600  # frames per slice on the CPU (~3 MB of frames: stays in cache)
+MEL_BANDS = 8  # column blocks of the mel matrix on the CPU (each block's nonzero rows are a narrow band)
 
 # hidden size, layers, heads (MLP 4x). "tiny" is the CPU size of DESIGN.md section 5; "micro" is for tests.
 AST_SIZES = {
@@ -42,8 +49,16 @@ def num_patches(target_frames: int, num_mel_bins: int = NUM_MEL_BINS, stride: in
 
 
 class FbankFrontEnd(nn.Module):
-    """torchaudio kaldi fbank, crop/pad to `target_frames`, normalise (x - mean) / (2 * std).
+    """Batched kaldi fbank on the wave's device, crop/pad to `target_frames`, normalise (x - mean) / (2 * std).
 
+    Clip by clip it equals `torchaudio.compliance.kaldi.fbank(wave - wave.mean(), htk_compat=True,
+    use_energy=False, window_type=..., num_mel_bins=128, dither=0.0, frame_shift=10)` (the definition,
+    DESIGN.md section 1), in the same order of operations (the lowest bins after pre-emphasis are
+    cancellation-dominated, so a reordered formula drifts from it). torchaudio's function takes one 1-D
+    clip per call and rebuilds the mel bank on the host every call, so its steps are written here over
+    a batch: window and mel matrix are buffers built once (non-persistent: checkpoints keep their keys);
+    a batch is a few launches and no host sync. On the CPU the batch goes through in cache-sized slices
+    of clips and the mel projection skips the zeros of the banded mel matrix (both measured faster).
     window_type 'hamming' follows the paper; pretrained AST checkpoints were trained with 'hanning'.
     """
 
@@ -66,7 +81,23 @@ class FbankFrontEnd(nn.Module):
         self.sample_rate = sample_rate
         self.num_mel_bins = num_mel_bins
         self.mean, self.std = mean, std
-        self.min_samples = sample_rate * FRAME_LENGTH_MS // 1000
+        self.window_size = sample_rate * FRAME_LENGTH_MS // 1000
+        self.window_shift = sample_rate * FRAME_SHIFT_MS // 1000
+        self.min_samples = self.window_size
+        self.n_fft = 1 << (self.window_size - 1).bit_length()  # kaldi's round_to_power_of_two
+        self.register_buffer("window", kaldi_window(window_type, self.window_size), persistent=False)
+        mel, _ = torchaudio.compliance.kaldi.get_mel_banks(num_mel_bins, self.n_fft, float(sample_rate), 20.0, 0.0,
+                                                           100.0, -500.0, 1.0)
+        # kaldi's bank has no Nyquist column (torchaudio pads a zero one). Each FFT bin's row appears twice,
+        # for the real and the imaginary part: |X|^2 @ mel is then one matmul of the squared (re, im) pairs.
+        mel = F.pad(mel.float(), (0, 1)).T.repeat_interleave(2, dim=0).contiguous()  # [2 * (n_fft // 2 + 1), mels]
+        self.register_buffer("mel_pairs", mel, persistent=False)
+        self.mel_bands = _mel_bands(mel, MEL_BANDS)
+
+    @property
+    def padding_value(self) -> float:
+        """The normalised value of a frame of zeros (what padding and AST's SpecAugment masks leave)."""
+        return (0.0 - self.mean) / (2 * self.std)
 
     def check_wave(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
         if sample_rate is not None and sample_rate != self.sample_rate:
@@ -89,24 +120,49 @@ class FbankFrontEnd(nn.Module):
             )
         return wave
 
-    def raw_fbank(self, wave_1d: torch.Tensor) -> torch.Tensor:
-        wave_1d = wave_1d.float()
-        return torchaudio.compliance.kaldi.fbank(
-            (wave_1d - wave_1d.mean())[None],
-            htk_compat=True,
-            sample_frequency=self.sample_rate,
-            use_energy=False,
-            window_type=self.window_type,
-            num_mel_bins=self.num_mel_bins,
-            dither=0.0,
-            frame_shift=FRAME_SHIFT_MS,
-        )
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of a clip of num_samples (kaldi's snip_edges=True: only frames that fit whole)."""
+        return 1 + (num_samples - self.window_size) // self.window_shift
+
+    def log_mel(self, wave: torch.Tensor, max_frames: int | None = None) -> torch.Tensor:
+        """Kaldi log-mel energies [B, frames, mels] (fp32) of waves [B, T]; only the first max_frames."""
+        wave = wave.float()
+        wave = wave - wave.mean(dim=1, keepdim=True)  # the whole clip's mean, before any crop
+        frames = self.num_frames(wave.shape[1]) if max_frames is None else min(max_frames, self.num_frames(wave.shape[1]))
+        wave = wave[:, : self.window_size + (frames - 1) * self.window_shift]
+        B = wave.shape[0]
+        out = wave.new_empty(B, frames, self.num_mel_bins)
+        chunk = B if wave.device.type != "cpu" else max(1, CPU_SLICE_FRAMES // frames)
+        centred = wave.new_empty(min(chunk, B), frames, self.window_size)
+        padded = wave.new_zeros(min(chunk, B), frames, self.n_fft)  # columns past the window stay zero
+        for start in range(0, B, chunk):
+            n = min(chunk, B - start)
+            self._log_mel_slice(wave[start : start + n], centred[:n], padded[:n], out[start : start + n])
+        return out
+
+    def _log_mel_slice(self, wave, centred, padded, out) -> None:
+        frames = wave.unfold(1, self.window_size, self.window_shift)  # [n, m, window], a view
+        x = torch.sub(frames, frames.mean(dim=2, keepdim=True), out=centred)  # remove_dc_offset
+        # Pre-emphasis y[j] = x[j] - 0.97 x[j - 1], with x[-1] = x[0] (kaldi's replicate edge), then the window.
+        y = padded[..., : self.window_size]
+        torch.add(x[..., 1:], x[..., :-1], alpha=-PREEMPHASIS, out=y[..., 1:])
+        torch.sub(x[..., 0], x[..., 0] * PREEMPHASIS, out=y[..., 0])
+        y.mul_(self.window.float())  # (float: a model.to(dtype) casts buffers)
+        spectrum = torch.fft.rfft(padded)  # [n, m, n_fft // 2 + 1] complex
+        pairs = torch.view_as_real(spectrum).reshape(-1, self.mel_pairs.shape[0]).square_()  # re^2, im^2
+        mel, flat_out = self.mel_pairs.float(), out.view(-1, self.num_mel_bins)
+        if wave.device.type != "cpu":
+            torch.mm(pairs, mel, out=flat_out)
+        else:
+            for low, high, first, last in self.mel_bands:
+                flat_out[:, first:last] = pairs[:, low:high] @ mel[low:high, first:last]
+        out.clamp_(min=EPSILON).log_()
 
     def pad_or_crop(self, fbank: torch.Tensor) -> torch.Tensor:
-        frames = fbank.shape[0]
+        frames = fbank.shape[-2]
         if frames < self.target_frames:
-            return torch.nn.functional.pad(fbank, (0, 0, 0, self.target_frames - frames))
-        return fbank[: self.target_frames]
+            return F.pad(fbank, (0, 0, 0, self.target_frames - frames))
+        return fbank[..., : self.target_frames, :]
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
@@ -115,8 +171,39 @@ class FbankFrontEnd(nn.Module):
             return wave.new_zeros(0, self.target_frames, self.num_mel_bins, dtype=torch.float32)
         # Outside autocast: the mel projection is a matmul that bf16 autocast would otherwise round.
         with torch.autocast(wave.device.type, enabled=False):
-            feats = torch.stack([self.pad_or_crop(self.raw_fbank(w)) for w in wave])
-        return (feats - self.mean) / (2 * self.std)
+            feats = self.pad_or_crop(self.log_mel(wave, self.target_frames))
+            return (feats - self.mean) / (2 * self.std)
+
+
+def _mel_bands(mel: torch.Tensor, bands: int) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first mel, end mel) blocks covering the nonzeros of the banded mel matrix."""
+    nonzero, per_band, blocks = mel > 0, -(-mel.shape[1] // bands), []
+    for first in range(0, mel.shape[1], per_band):
+        last = min(first + per_band, mel.shape[1])
+        rows = nonzero[:, first:last].any(dim=1).nonzero().flatten()
+        if len(rows):
+            blocks.append((int(rows.min()), int(rows.max()) + 1, first, last))
+        else:
+            blocks.append((0, 0, first, last))
+    return blocks
+
+
+def kaldi_window(window_type: str, size: int) -> torch.Tensor:
+    """The frame window exactly as torchaudio.compliance.kaldi defines it (symmetric windows; povey is
+    hann ** 0.85; blackman with kaldi's coefficient 0.42, not torch.blackman_window's)."""
+    if window_type == "hanning":
+        return torch.hann_window(size, periodic=False)
+    if window_type == "hamming":
+        return torch.hamming_window(size, periodic=False, alpha=0.54, beta=0.46)
+    if window_type == "povey":
+        return torch.hann_window(size, periodic=False).pow(0.85)
+    if window_type == "rectangular":
+        return torch.ones(size)
+    if window_type == "blackman":
+        a = 2 * math.pi / (size - 1)
+        n = torch.arange(size, dtype=torch.float32)
+        return BLACKMAN_COEFF - 0.5 * torch.cos(a * n) + (0.5 - BLACKMAN_COEFF) * torch.cos(2 * a * n)
+    raise ValueError(f"window_type must be one of {WINDOW_TYPES}, got {window_type!r}")
 
 
 class ASTEncoder(nn.Module):

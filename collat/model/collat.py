@@ -20,10 +20,13 @@ from collat.config import CoLLATConfig
 from collat.model import audio as audio_lib
 from collat.model import inference
 from collat.model import losses as L
+from collat.model.augment import SpecMasks
 from collat.model.interaction import TokenInteraction
 from collat.model.pretrained import PretrainedMixin, checkpoint_folder, resolve_dtype
 from collat.model.text import LockedTextEncoder, build_text_encoder
 from collat.ops import OpSet, op_set
+
+COMPILE_MODES = ("default", "reduce-overhead")
 
 
 class CoLLAT(PretrainedMixin, nn.Module):
@@ -77,37 +80,43 @@ class CoLLAT(PretrainedMixin, nn.Module):
     def audio_tokens_from_fbank(self, fbank: torch.Tensor) -> torch.Tensor:
         return self.interaction(self.audio(fbank))
 
-    def compute_losses(self, wave: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
-        """All three losses for a batch of waves [B, T] (16 kHz) and their prompts.
+    def compute_losses(self, wave: torch.Tensor, texts: list[str], spec_masks: SpecMasks | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """All three losses for a batch of waves [B, T] (16 kHz, one length) and their prompts.
 
-        Returns loss (weighted total), l_ct, l_cg, l_ut and logit_scale (exp(t), detached).
-        The clean and noisy fbanks go through AST and f_at as ONE batched pass.
+        Returns loss (weighted total), l_ct, l_cg, l_ut and logit_scale (exp(t), detached). The text side
+        comes first (it needs no audio). L_ut's noisy twins are the first round(noisy_fraction * B) clips
+        with Gaussian noise of std noise_std on the waveform (or on the normalised fbank, per
+        ut_noise_domain); clean clips and twins go through the front end, AST and f_at as ONE batched
+        pass. With twins_in_main_losses the twins also enter L_ct (with their clip's prompt) and L_cg (audio
+        to text, among the batch's prompts). `spec_masks` (training augmentation) masks each clip's fbank,
+        a twin's like its clip's.
+        No host sync: counts are Python ints, lengths come from the mask, and matching skips its range check.
         """
         cfg = self.config
         if len(texts) != wave.shape[0]:
             raise ValueError(f"texts must have one prompt per wave: {wave.shape[0]} waves, {len(texts)} texts")
-        fbank = self.frontend(wave.to(self.device))
-        B = fbank.shape[0]
+        h_t, z_t, lengths = self.text_targets(texts)
+        B = wave.shape[0]
         wants_ut = cfg.lambda_ut > 0 and cfg.noise_std > 0
-        num_noisy = noisy_twin_count(cfg.noisy_fraction, B, *L.distributed_world()) if wants_ut else 0
-        if num_noisy:
-            noisy = fbank[:num_noisy] + cfg.noise_std * torch.randn_like(fbank[:num_noisy])
-            fbank = torch.cat([fbank, noisy], dim=0)
+        wants_twins = cfg.noise_std > 0 and (cfg.lambda_ut > 0 or cfg.twins_in_main_losses)
+        k = noisy_twin_count(cfg.noisy_fraction, B, *L.distributed_world()) if wants_twins else 0
+        fbank = self.fbank_with_twins(wave.to(self.device, non_blocking=True), k, spec_masks)
         h_all = self.audio_tokens_from_fbank(fbank)
         h_at = h_all[:B].float()
 
-        ids, mask = self.text.tokenize(texts)
-        with torch.no_grad():
-            h_t = self.text.embed(ids).float()
-            z_t = F.normalize(self.text.encode_text(ids, mask).float(), dim=-1)
-        lengths = mask.sum(dim=1)
-
-        l_ct, _ = L.cross_token_loss(h_at, h_t, lengths, cfg.matching, cfg.metric, self.ops)
-        z_a = F.normalize(self.text.encode_predicted(h_all[:B]).float(), dim=-1)
+        rows = B + k if cfg.twins_in_main_losses else B  # twins are matched with their clip's prompt
+        l_ct, _ = L.cross_token_loss(h_all[:rows].float(), torch.cat([h_t, h_t[: rows - B]]),
+                                     torch.cat([lengths, lengths[: rows - B]]), cfg.matching, cfg.metric, self.ops,
+                                     check_lengths=False)
+        z_a = F.normalize(self.text.encode_predicted(h_all[:rows]).float(), dim=-1)
         logit_scale = L.clamped_logit_scale(self.logit_scale)
-        l_cg = self.contrastive(z_a, z_t, logit_scale)
+        l_cg = self.contrastive(z_a[:B], z_t, logit_scale)
+        if rows > B:  # each twin picks its clip's prompt among the batch's (audio -> text), weighted per row
+            l_twins = F.cross_entropy(logit_scale * z_a[B:] @ z_t.T, torch.arange(k, device=z_t.device))
+            l_cg = (B * l_cg + k * l_twins) / rows
         if wants_ut:  # on every rank, even one without twins: the loss all-reduces its token count
-            clean = h_at[:num_noisy]
+            clean = h_at[:k]
             if cfg.stop_grad_clean:
                 clean = clean.detach()
             l_ut = L.unimodal_token_loss(clean, h_all[B:].float(), self.ops)
@@ -116,9 +125,76 @@ class CoLLAT(PretrainedMixin, nn.Module):
         loss = cfg.lambda_ct * l_ct + cfg.lambda_cg * l_cg + cfg.lambda_ut * l_ut
         return {"loss": loss, "l_ct": l_ct, "l_cg": l_cg, "l_ut": l_ut, "logit_scale": logit_scale.detach()}
 
-    def forward(self, wave: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+    def text_targets(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h_t [B, N, D] fp32, z_t [B, E] normalised, lengths [B]) of the prompts, without gradients."""
+        ids, mask = self.text.tokenize(texts)
+        with torch.no_grad():
+            h_t = self.text.embed(ids).float()
+            z_t = F.normalize(self.text.encode_text(ids, mask).float(), dim=-1)
+        return h_t, z_t, mask.sum(dim=1)
+
+    def fbank_with_twins(self, wave: torch.Tensor, num_noisy: int, spec_masks: SpecMasks | None = None) -> torch.Tensor:
+        """Fbanks [B + num_noisy, frames, mels]: the clips, then noisy twins of the first num_noisy clips."""
+        cfg = self.config
+        if num_noisy and cfg.ut_noise_domain == "waveform":
+            twins = wave[:num_noisy].float() + cfg.noise_std * torch.randn_like(wave[:num_noisy], dtype=torch.float32)
+            fbank = self.frontend(torch.cat([wave.float(), twins], dim=0))
+        else:
+            fbank = self.frontend(wave)
+            if num_noisy:
+                noisy = fbank[:num_noisy] + cfg.noise_std * torch.randn_like(fbank[:num_noisy])
+                fbank = torch.cat([fbank, noisy], dim=0)
+        if spec_masks is not None:
+            fbank = spec_masks.with_twins(num_noisy).apply(fbank, self.frontend.padding_value)
+        return fbank
+
+    def forward(self, wave: torch.Tensor, texts: list[str], spec_masks: SpecMasks | None = None) -> dict[str, torch.Tensor]:
         """The training forward (= compute_losses), so DistributedDataParallel can wrap the model."""
-        return self.compute_losses(wave, texts)
+        return self.compute_losses(wave, texts, spec_masks)
+
+    # ------------------------------------------------------------------ training speed options
+    def compile_for_training(self, mode: str = "default", backend: str = "inductor") -> None:
+        """torch.compile the audio encoder, the interaction module and the text tower's forward in place
+        (parameter names and checkpoints are unchanged). mode: "default", or "reduce-overhead" (CUDA
+        graphs of the static-shape parts), or "none"; `backend` as torch.compile's (tests use "aot_eager",
+        which traces the same graphs without generating code). Fused ops stay inside: they are registered custom
+        ops. AST and the interaction compile with fullgraph=True; the text tower allows graph breaks
+        (transformers' BERT and open_clip's tower are not written for one graph)."""
+        if mode == "none":
+            return
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {('none',) + COMPILE_MODES}, got {mode!r}")
+        options = {"mode": None if mode == "default" else mode, "backend": backend}
+        if backend != "inductor":  # modes are inductor options
+            options.pop("mode")
+        self.audio.compile(fullgraph=True, **options)
+        self.interaction.compile(fullgraph=True, **options)
+        self.text.forward_tokens = torch.compile(self.text.forward_tokens, **options)
+
+    def enable_fp8_training(self) -> None:
+        """fp8 matmuls for AST's linear layers through torchao's float8 training (dynamic scaling); CUDA
+        only, with torchao installed. Parameters stay fp32 (same names), so checkpoints load either way."""
+        if self.device.type != "cuda":
+            raise RuntimeError(f"fp8 training needs a CUDA GPU (float8 GEMMs); the model is on {self.device}. "
+                               "Drop --fp8 or train on a GPU.")
+        try:
+            from torchao.float8 import convert_to_float8_training
+        except ImportError as error:
+            raise RuntimeError(f"fp8 training needs torchao (`pip install torchao`): {error}") from None
+        capability = torch.cuda.get_device_capability(self.device)
+        if capability < (8, 9):
+            raise RuntimeError(f"fp8 training needs a GPU of compute capability >= 8.9 (Ada/Hopper), got {capability}")
+
+        def fp8_friendly(module: nn.Module, name: str) -> bool:  # float8 GEMMs want dims divisible by 16
+            return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+        convert_to_float8_training(self.audio.ast.encoder, module_filter_fn=fp8_friendly)
+
+    def prepare_training(self, compile_mode: str = "none", fp8: bool = False) -> None:
+        """The training speed options of TrainConfig (fp8 first: compilation must see the fp8 layers)."""
+        if fp8:
+            self.enable_fp8_training()
+        self.compile_for_training(compile_mode)
 
     # ------------------------------------------------------------------ inference
     # Every audio-taking method follows collat/model/inference.py: tensors at `sample_rate` (resampled to

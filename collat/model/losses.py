@@ -18,6 +18,8 @@ global loss's, while the loss value and the temperature gradient stay exact).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -49,22 +51,44 @@ def share_of_global_mean(local_mean: torch.Tensor, local_count) -> torch.Tensor:
     _, world_size = distributed_world()
     if world_size == 1:
         return local_mean
-    count = torch.as_tensor(local_count, dtype=torch.float64, device=local_mean.device).reshape(())
+    if isinstance(local_count, torch.Tensor):
+        count = local_count.to(device=local_mean.device, dtype=torch.float64).reshape(())
+    else:  # a Python count: filled on the device (as_tensor would copy from the host, a sync on a GPU)
+        count = torch.full((), float(local_count), dtype=torch.float64, device=local_mean.device)
     total = count.clone()
     dist.all_reduce(total)
     return local_mean * (world_size * count / total.clamp(min=1.0)).to(local_mean.dtype)
 
 
 def cross_token_loss(h_at: torch.Tensor, h_t: torch.Tensor, lengths: torch.Tensor, matching: str = "greedy",
-                     metric: str = "l1", ops: OpSet | str = FUSED) -> tuple[torch.Tensor, torch.Tensor]:
+                     metric: str = "l1", ops: OpSet | str = FUSED, check_lengths: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """L_ct and the permutation used. h_at [B, N, D] (predicted), h_t [B, N, D] (text, no grad), lengths [B].
 
+    check_lengths=False skips the matcher's range check of lengths (a host sync on a GPU) where the
+    matcher offers it, for lengths that come from a token mask and so lie in [0, N].
     Under a process group the loss is this rank's share of the global L_ct (see the module docstring)."""
     ops = op_set(ops)
+    options = {} if check_lengths else _unchecked_options(ops, matching)
     with torch.no_grad():  # the matching is not differentiated
-        perm = ops.match(h_at.detach(), h_t.detach(), lengths, metric, matching)
+        perm = ops.match(h_at.detach(), h_t.detach(), lengths, metric, matching, **options)
     loss = ops.token_l1_loss(h_at, h_t, perm)
     return share_of_global_mean(loss, (perm >= 0).sum()), perm
+
+
+def _unchecked_options(ops: OpSet, matching: str) -> dict:
+    """{"check_lengths": False} for a matcher that takes it (the fused ops); {} for one that does not (the
+    references, which take lengths as they are)."""
+    matcher = ops.greedy_match if matching == "greedy" else ops.optimal_match
+    return {"check_lengths": False} if _takes_keyword(matcher, "check_lengths") else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_keyword(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
 
 
 def unimodal_token_loss(h_clean: torch.Tensor, h_noisy: torch.Tensor, ops: OpSet | str = FUSED) -> torch.Tensor:

@@ -9,7 +9,14 @@ import sys
 
 import torch.distributed as dist
 
-from collat.config import CoLLATConfig, ConfigError, TrainConfig, load_preset, preset_names, read_config_file
+from collat.config import (
+    CoLLATConfig,
+    ConfigError,
+    TrainConfig,
+    load_preset,
+    preset_names,
+    read_config_file,
+)
 
 DESCRIPTION = """Train CoLLAT: a locked text encoder learns to understand audio through an AST audio encoder
 and a token interaction module (token loss after greedy matching, contrastive loss, noise-robustness

@@ -37,7 +37,8 @@ def datasets(model_config: CoLLATConfig, train_config: TrainConfig):
     else:
         from collat.data.soundfont import SEEN_CLASSES, SoundfontDataset
 
-        train = SoundfontDataset("train", size=train_config.train_size, classes=SEEN_CLASSES, sources=(1, 3), **common)
+        train = SoundfontDataset("train", size=train_config.train_size, classes=SEEN_CLASSES, sources=(1, 3),
+                                 variety=train_config.render_variety, **common)
     if not train_config.evaluate:
         return train, {}
     if eval_manifest:

@@ -20,7 +20,12 @@ import torch
 import torch.distributed as dist
 
 from collat.config import TrainConfig
-from collat.model.pretrained import CONFIG_NAME, RUN_CHECKPOINT_DIR, WEIGHTS_NAME, load_weights_file
+from collat.model.pretrained import (
+    CONFIG_NAME,
+    RUN_CHECKPOINT_DIR,
+    WEIGHTS_NAME,
+    load_weights_file,
+)
 from collat.train.distributed import World, rank_seed, seed_everything
 from collat.train.optim import apply_schedule
 from collat.train.state_io import (

@@ -26,11 +26,17 @@ import torch.distributed as dist
 
 from collat.config import CoLLATConfig, TrainConfig, load_preset
 from collat.device import autocast
-from collat.evaluate.quick import as_clip_set, chance_levels, format_table, zero_shot_table
+from collat.evaluate.quick import (
+    as_clip_set,
+    chance_levels,
+    format_table,
+    zero_shot_table,
+)
 from collat.fileio import atomic_write_text
 from collat.model import CoLLAT
 from collat.model.losses import LOGIT_SCALE_MAX
 from collat.prompts import make_prompt
+from collat.train.augment import augmented_inputs
 from collat.train.batching import batch_stream, datasets
 from collat.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -41,9 +47,22 @@ from collat.train.checkpoint import (
     save_on_main,
     set_rng_state,
 )
-from collat.train.distributed import World, rank_seed, reduce_mean, seed_everything, setup_distributed
+from collat.train.distributed import (
+    World,
+    rank_seed,
+    reduce_mean,
+    seed_everything,
+    setup_distributed,
+)
 from collat.train.optim import build_optimizer
-from collat.train.runlog import LOG_NAME, PLOT_NAME, RunLog, plot_losses, set_aside, truncate_log
+from collat.train.runlog import (
+    LOG_NAME,
+    PLOT_NAME,
+    RunLog,
+    plot_losses,
+    set_aside,
+    truncate_log,
+)
 from collat.train.signals import StopFlag
 
 RESULTS_NAME = "results.json"
@@ -98,6 +117,7 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.model = (model if model is not None else CoLLAT(self.model_config)).to(self.device)
+        self.model.prepare_training(cfg.compile, cfg.fp8)  # before the optimizer: fp8 swaps AST's linear layers
         if hasattr(train_dataset, "class_names"):
             check_prompt_length(self.model, train_dataset.class_names)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.device)
@@ -202,7 +222,7 @@ class Trainer:
         """One optimizer step, queued on the device without a host sync; returns what _read_pending logs."""
         model, world = self.model, self.world
         with autocast(self.device, self.config.amp):
-            terms = train_module(batch["wave"].to(self.device, non_blocking=True), batch["text"])
+            terms = train_module(**augmented_inputs(batch, step, self.config, self.device, self.world.rank))
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), self.config.grad_clip)

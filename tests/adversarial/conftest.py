@@ -4,7 +4,6 @@ does)."""
 import contextlib
 
 import pytest
-
 from collat.kernels import _utils
 
 

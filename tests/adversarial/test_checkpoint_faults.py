@@ -19,7 +19,12 @@ from torch import nn
 
 from collat.config import CoLLATConfig, TrainConfig
 from collat.fileio import atomic_write, atomic_write_text
-from collat.model.pretrained import ARCHITECTURE, CONFIG_NAME, WEIGHTS_NAME, PretrainedMixin
+from collat.model.pretrained import (
+    ARCHITECTURE,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    PretrainedMixin,
+)
 from collat.train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_folders,

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from collat.kernels import _utils, attention
+
 from collat.ops import reference
 from collat.ops.attention import cross_attention
 

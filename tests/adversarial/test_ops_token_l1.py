@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from collat.kernels import _utils, token_l1
+
 from collat.ops.token_l1 import token_l1_loss
 
 BACKENDS = ["triton", "reference"]

@@ -76,8 +76,8 @@ def test_a_log_torn_by_a_crash_is_cut_back_on_resume(template, tmp_path):
 def test_a_non_finite_loss_at_the_first_step(template, tmp_path, monkeypatch):
     original = CoLLAT.compute_losses
 
-    def nan_loss(self, wave, texts):
-        out = original(self, wave, texts)
+    def nan_loss(self, wave, texts, spec_masks=None):
+        out = original(self, wave, texts, spec_masks)
         out["loss"] = out["loss"] + float("inf")
         return out
 

@@ -211,3 +211,37 @@ def test_collate_shapes():
     assert len(batch["text"]) == 4 and all(isinstance(n, list) for n in batch["names"])
     with pytest.raises(ValueError, match="empty"):
         collate([])
+
+
+def test_rendering_variety_is_pure_and_leaves_plain_items_alone():
+    """variety=True: each item is still a pure function of (seed, split, index) in any order; classes,
+    onsets and prompt are the plain item's; and a varied source leaves the synthesizer as a plain source
+    expects it (plain items rendered after varied ones are bit-identical to a fresh process's)."""
+    plain = SoundfontDataset("train", size=12, seed=4)
+    varied = SoundfontDataset("train", size=12, seed=4, variety=True)
+    sf._RENDERERS.clear()
+    fresh_plain = [digest(plain[i]["wave"]) for i in range(12)]
+    forward = [digest(varied[i]["wave"]) for i in range(12)]  # varied renders in the same synthesizer...
+    assert [digest(plain[i]["wave"]) for i in range(12)] == fresh_plain  # ...leave plain renders unchanged
+    assert [digest(varied[i]["wave"]) for i in reversed(range(12))][::-1] == forward
+    sf._RENDERERS.clear()
+    assert [digest(varied[i]["wave"]) for i in (5, 0, 9)] == [forward[i] for i in (5, 0, 9)]
+    assert sum(a != b for a, b in zip(forward, fresh_plain)) == 12
+    for i in range(12):
+        base, spec = plain.spec(i), varied.spec(i)
+        assert spec.names == base.names and varied[i]["text"] == plain[i]["text"]
+        assert [s.onset for s in spec.sources] == [s.onset for s in base.sources]
+        for s, b in zip(spec.sources, base.sources):
+            assert [n.key for n in s.notes] == [n.key for n in b.notes]
+            assert all(sf.VARIETY_MIN_VELOCITY <= n.velocity <= 127 and n.length % sf.BLOCK == 0 for n in s.notes)
+            assert abs(s.bend) <= 2048 * sf.VARIETY_DETUNE_CENTS / 100 and 0 <= s.vibrato <= sf.VARIETY_MAX_VIBRATO
+    varied_specs = [varied.spec(i) for i in range(12)]
+    assert any(s.bend != 0 for spec in varied_specs for s in spec.sources)
+    assert any(n.velocity < 70 for spec in varied_specs for s in spec.sources for n in s.notes)  # softer than plain
+
+
+def test_rendering_variety_renders_every_class():
+    classes = [c.name for c in CLASSES]
+    varied = SoundfontDataset("train", size=72, seed=12, classes=classes, sources=(1, 1), variety=True)
+    rendered = {varied[i]["names"][0] for i in range(72)}  # a silent source would raise
+    assert len(rendered) > 25

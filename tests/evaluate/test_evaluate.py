@@ -8,10 +8,10 @@ import soundfile
 import torch
 
 from collat import evaluate, fileio
+from collat.data.manifest import read_manifest
 from collat.evaluate import Noise, metrics
 from collat.evaluate.__main__ import main as evaluate_main
 from collat.evaluate.sets import fold_sets
-from collat.data.manifest import read_manifest
 from collat.model import load_model
 
 

@@ -107,3 +107,25 @@ def test_bad_options():
         L.cross_token_loss(pred, target, lengths, matching="hungarian-ish")
     with pytest.raises(ValueError, match="ops"):
         L.cross_token_loss(pred, target, lengths, ops="fast")
+
+
+def test_unchecked_lengths_reach_the_matchers_that_take_them():
+    """check_lengths=False (lengths from a mask: no host sync for a range check) goes to a matcher that
+    accepts it, and is left out for one that does not (the references)."""
+    from collat.ops import FUSED, REFERENCE, OpSet
+
+    received = []
+
+    def spy_match(pred, target, lengths, metric="l1", *, check_lengths=True):
+        received.append(check_lengths)
+        return reference.greedy_match(pred, target, lengths, metric)
+
+    spy = OpSet("spy", spy_match, spy_match, REFERENCE.token_l1_loss, REFERENCE.cross_attention)
+    pred, target, lengths = _inputs(dtype=torch.float32)
+    for check in (True, False):
+        L.cross_token_loss(pred, target, lengths, ops=spy, check_lengths=check)
+    assert received == [True, False]
+    expected, _ = L.cross_token_loss(pred, target, lengths, ops=FUSED)
+    for ops in (FUSED, REFERENCE):
+        loss, _ = L.cross_token_loss(pred, target, lengths, ops=ops, check_lengths=False)
+        torch.testing.assert_close(loss, expected)

@@ -2,15 +2,17 @@
 inference API, the fbank front end and input errors."""
 import copy
 import json
+import math
 import os
 
 import pytest
 import soundfile
 import torch
+import torch.nn.functional as F
 import torchaudio
 
 from collat.model import CoLLAT, CoLLATConfig
-from collat.model.audio import FbankFrontEnd, num_patches
+from collat.model.audio import num_patches
 
 SR = 16000
 TEXTS = ["This is a sound of violin", "This is a sound of snare drum and piano",
@@ -112,6 +114,172 @@ def test_noise_knobs(model, waves):
     assert model.compute_losses(waves, TEXTS)["l_ut"] > 0
 
 
+def capture(module, store, key, what="output"):
+    """A forward hook keeping a module's first input or its output (detached clones unless grads are wanted)."""
+    def hook(mod, inputs, output):
+        store[key] = inputs[0] if what == "input" else output
+        if what == "output" and output.requires_grad:
+            output.retain_grad()
+    return module.register_forward_hook(hook)
+
+
+def independent_losses(model, h_all, texts, B, k):
+    """L_ct, L_cg, L_ut from the captured interaction output h_all [B + k, N, D], written out here: the
+    oracle greedy matching, an explicit L1 sum, an explicit symmetric cross-entropy, the clamp at ln 100."""
+    from collat.ops import reference
+
+    ids, mask = model.text.tokenize(texts)
+    h_t = model.text.embed(ids).float()
+    h_at = h_all[:B].float()
+    lengths = mask.sum(1)
+    perm = reference.greedy_match(h_at.detach(), h_t, lengths)
+    total = sum((h_at[b, perm[b, j]] - h_t[b, j]).abs().sum() for b in range(B) for j in range(int(lengths[b])))
+    l_ct = total / (h_t.shape[-1] * int(lengths.sum()))
+    z_t = F.normalize(model.text.encode_text(ids, mask).float(), dim=-1)
+    z_a = F.normalize(model.text.encode_predicted(h_all[:B]).float(), dim=-1)
+    scale = min(float(model.logit_scale.detach().exp()), 100.0)
+    logits = scale * z_a @ z_t.T
+    labels = torch.arange(B)
+    l_cg = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    l_ut = (h_all[:k].float() - h_all[B:].float()).abs().mean() if k else torch.zeros(())
+    return l_ct, l_cg, l_ut
+
+
+def test_loss_wiring_matches_a_hand_computation(model, waves):
+    """Each weight multiplies its own term, and each term is the formula of DESIGN.md section 2."""
+    model.config.lambda_ct, model.config.lambda_cg, model.config.lambda_ut = 0.3, 0.7, 2.0
+    model.config.noisy_fraction = 0.5
+    store = {}
+    handle = capture(model.interaction, store, "h_all")
+    out = model.compute_losses(waves, TEXTS)
+    handle.remove()
+    assert store["h_all"].shape[0] == 6  # 4 clips + 2 twins in one pass
+    l_ct, l_cg, l_ut = independent_losses(model, store["h_all"], TEXTS, B=4, k=2)
+    torch.testing.assert_close(out["l_ct"], l_ct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["l_cg"], l_cg, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["l_ut"], l_ut, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], 0.3 * l_ct + 0.7 * l_cg + 2.0 * l_ut, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_scale_is_capped_at_100_in_the_model(model, waves):
+    model.config.noisy_fraction = 0.0
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))  # above the cap, as an optimizer step can leave it
+    store = {}
+    handle = capture(model.interaction, store, "h_all")
+    out = model.compute_losses(waves, TEXTS)
+    handle.remove()
+    assert math.isclose(float(out["logit_scale"]), 100.0, rel_tol=1e-6)
+    _, l_cg, _ = independent_losses(model, store["h_all"], TEXTS, B=4, k=0)
+    torch.testing.assert_close(out["l_cg"], l_cg, rtol=1e-5, atol=1e-6)
+    out["loss"].backward()
+    assert model.logit_scale.grad == 0  # above the clamp the temperature gets no gradient
+    probs = model.zero_shot(waves, ["violin", "piano"])
+    cosine = model.zero_shot(waves, ["violin", "piano"], multi_label=True)
+    torch.testing.assert_close(probs, (100.0 * cosine).softmax(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_noisy_twins_pair_with_their_own_clips(model, waves):
+    """With noise std 1e-6 a twin is its clip: L_ut ~ 0 when twins pair with the first k clips, and large
+    if they were compared with any other clips (e.g. the last k)."""
+    model.config.noisy_fraction, model.config.noise_std = 0.5, 1e-6
+    store = {}
+    handle = capture(model.interaction, store, "h_all")
+    out = model.compute_losses(waves, TEXTS)
+    handle.remove()
+    h_all = store["h_all"].detach()
+    wrong_pairing = (h_all[2:4] - h_all[4:]).abs().mean()
+    assert wrong_pairing > 1e-2
+    assert out["l_ut"] < 1e-3 * wrong_pairing
+
+
+def test_twins_in_main_losses_match_a_hand_computation(model, waves):
+    """twins_in_main_losses: the twins are matched with their clip's prompt in L_ct, and each picks its clip's
+    prompt among the batch's in L_cg (audio -> text); the twin terms are weighted per row. Twins are made
+    even with lambda_ut = 0."""
+    from collat.ops import reference
+
+    model.config.noisy_fraction, model.config.lambda_ut, model.config.twins_in_main_losses = 0.5, 0.0, True
+    store = {}
+    handle = capture(model.interaction, store, "h_all")
+    out = model.compute_losses(waves, TEXTS)
+    handle.remove()
+    h_all = store["h_all"].float()
+    assert h_all.shape[0] == 6 and out["l_ut"] == 0
+    texts = TEXTS + TEXTS[:2]
+    ids, mask = model.text.tokenize(texts)
+    h_t, lengths = model.text.embed(ids).float(), mask.sum(1)
+    perm = reference.greedy_match(h_all.detach(), h_t, lengths)
+    total = sum((h_all[b, perm[b, j]] - h_t[b, j]).abs().sum() for b in range(6) for j in range(int(lengths[b])))
+    torch.testing.assert_close(out["l_ct"], total / (h_t.shape[-1] * int(lengths.sum())), rtol=1e-5, atol=1e-6)
+    z_t = F.normalize(model.text.encode_text(ids[:4], mask[:4]).float(), dim=-1)
+    z_a = F.normalize(model.text.encode_predicted(store["h_all"]).float(), dim=-1)
+    logits = model.logit_scale.exp() * z_a @ z_t.T  # [6, 4]
+    clean = (F.cross_entropy(logits[:4], torch.arange(4)) + F.cross_entropy(logits[:4].T, torch.arange(4))) / 2
+    twins = F.cross_entropy(logits[4:], torch.arange(2))
+    torch.testing.assert_close(out["l_cg"], (4 * clean + 2 * twins) / 6, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stop_grad_clean", [True, False])
+def test_stop_grad_clean_blocks_l_ut_gradient_to_the_clean_branch(model, waves, stop_grad_clean):
+    model.config.lambda_ct, model.config.lambda_cg, model.config.lambda_ut = 0.0, 0.0, 1.0
+    model.config.noisy_fraction, model.config.stop_grad_clean = 0.5, stop_grad_clean
+    store = {}
+    handle = capture(model.interaction, store, "h_all")
+    model.compute_losses(waves, TEXTS)["loss"].backward()
+    handle.remove()
+    grad = store["h_all"].grad  # rows: 4 clips, then the twins of clips 0 and 1
+    assert grad[4:].abs().sum() > 0 and grad[2:4].abs().sum() == 0
+    if stop_grad_clean:
+        assert grad[:2].abs().sum() == 0
+    else:
+        torch.testing.assert_close(grad[:2], -grad[4:])  # d|a - b|/da = -d|a - b|/db
+
+
+@pytest.mark.parametrize("domain", ["waveform", "fbank"])
+def test_l_ut_noise_lands_in_the_configured_domain(model, waves, domain):
+    """waveform: the front end gets the clips and then the twins, each twin its clip plus N(0, std^2) noise;
+    fbank: the front end gets the clips only and the twins differ from their clips' fbanks by that noise."""
+    model.config.noisy_fraction, model.config.noise_std, model.config.ut_noise_domain = 0.5, 0.1, domain
+    store = {}
+    handles = [capture(model.frontend, store, "wave", "input"), capture(model.audio, store, "fbank", "input")]
+    out = model.compute_losses(waves, TEXTS)
+    for handle in handles:
+        handle.remove()
+    assert out["l_ut"] > 0
+    wave_in, fbank_in = store["wave"], store["fbank"]
+    if domain == "waveform":
+        assert wave_in.shape == (6, waves.shape[1])
+        torch.testing.assert_close(wave_in[:4], waves)
+        noise = wave_in[4:] - waves[:2]
+        assert abs(float(noise.std()) - 0.1) < 0.005 and abs(float(noise.mean())) < 0.005
+        torch.testing.assert_close(fbank_in, model.frontend(wave_in))  # one batched front-end pass
+    else:
+        assert wave_in.shape == waves.shape
+        noise = fbank_in[4:] - fbank_in[:2]
+        assert abs(float(noise.std()) - 0.1) < 0.005
+
+
+def test_spec_masks_mask_twins_like_their_clips(model, waves):
+    from collat.model.augment import SpecMasks
+
+    model.config.noisy_fraction = 0.5
+    masks = SpecMasks.draw(4, max_time=20, max_freq=30, generator=torch.Generator().manual_seed(3))
+    fbanks = {}
+    for key, spec_masks in (("masked", masks), ("plain", None)):
+        store = {}
+        handle = capture(model.audio, store, "fbank", "input")
+        torch.manual_seed(7)  # the same L_ut noise in both runs
+        model.compute_losses(waves, TEXTS, spec_masks=spec_masks)
+        handle.remove()
+        fbanks[key] = store["fbank"]
+    in_time, in_freq = masks.with_twins(2).covered(*fbanks["plain"].shape[1:])
+    covered = in_time[:, :, None] | in_freq[:, None, :]
+    assert covered[:4].any() and torch.equal(covered[4:], covered[:2])  # a twin is masked like its clip
+    expected = torch.where(covered, torch.full_like(fbanks["plain"], model.frontend.padding_value), fbanks["plain"])
+    assert torch.equal(fbanks["masked"], expected)
+
+
 def test_inference_api(model, waves):
     z = model.encode_audio(waves, batch_size=3)
     assert z.shape == (4, model.text.embed_dim)
@@ -156,19 +324,6 @@ def test_audio_input_errors(model):
         model.encode_audio(torch.zeros(2, 2, 8000))
     with pytest.raises(ValueError, match="one prompt per wave"):
         model.compute_losses(torch.zeros(2, 8000), ["x"])
-
-
-def test_fbank_matches_torchaudio_directly(waves):
-    front = FbankFrontEnd(target_frames=60, window_type="hanning")
-    ours = front(waves[:2])
-    for i in range(2):
-        w = waves[i]
-        ref = torchaudio.compliance.kaldi.fbank((w - w.mean())[None], htk_compat=True, sample_frequency=16000,
-                                                use_energy=False, window_type="hanning", num_mel_bins=128,
-                                                dither=0.0, frame_shift=10)
-        ref = torch.nn.functional.pad(ref, (0, 0, 0, 60 - ref.shape[0]))  # 0.5 s = 48 frames, zero-padded to 60
-        torch.testing.assert_close(ours[i], (ref - -4.2677393) / (2 * 4.5689974))
-    assert FbankFrontEnd(target_frames=20)(waves[:1]).shape == (1, 20, 128)  # cropped at the end
 
 
 def test_patch_count():

@@ -15,7 +15,14 @@ import sys
 
 import pytest
 import torch
-from helpers import DTYPES, METRICS, assert_valid_perm, grid_inputs, kernel_distances, random_lengths
+from helpers import (
+    DTYPES,
+    METRICS,
+    assert_valid_perm,
+    grid_inputs,
+    kernel_distances,
+    random_lengths,
+)
 
 from collat.ops import _ext, match, reference
 from collat.ops.matching import CUDA_MAX_N, greedy_match, optimal_match

@@ -28,8 +28,8 @@ from collat.model import losses as L
 from collat.train import run
 from collat.train.__main__ import parse_args
 from collat.train.checkpoint import CHECKPOINT_DIR
-from collat.train.state_io import read_trainer_state
 from collat.train.runlog import LOG_NAME, PLOT_NAME, read_log
+from collat.train.state_io import read_trainer_state
 
 WORLD = 2
 
@@ -38,6 +38,12 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def unaugmented(out, **overrides):
+    """Augmentation draws per rank (a K-rank run is another random run than one process's), so the runs
+    compared across world sizes train without it."""
+    return train_config(out, augment=False, **overrides)
 
 
 def spawn(fn, *args):
@@ -137,17 +143,17 @@ def _session(rank, x, model_cfg, out_dir):
     if rank == 0:
         torch.save(saved, os.path.join(out_dir, "session.pt"))
     # 3. The training loop, stopped (and checkpointed) after 2 of 4 steps.
-    result = run(model_cfg, train_config(os.path.join(out_dir, "two"), stop_at_step=2), train_dataset=ToneDataset())
+    result = run(model_cfg, unaugmented(os.path.join(out_dir, "two"), stop_at_step=2), train_dataset=ToneDataset())
     assert result["status"] == "stopped" and result["step"] == 2
     assert dist.is_initialized()  # run() leaves alone a group it did not create
     # 4. SIGTERM reaches rank 1 alone, during step 1: both ranks finish that step and stop together.
     original, calls = CoLLAT.compute_losses, {"n": 0}
 
-    def signal_rank_1(self, wave, texts):
+    def signal_rank_1(self, wave, texts, *args, **kwargs):
         calls["n"] += 1
         if rank == 1 and calls["n"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, wave, texts)
+        return original(self, wave, texts, *args, **kwargs)
 
     CoLLAT.compute_losses = signal_rank_1
     try:
@@ -211,7 +217,7 @@ def test_two_process_run_matches_one_and_resumes_in_one(session, tmp_path):
     out, _ = session
     model_cfg = tiny_config()
     # The same losses and gradient norms as an uninterrupted 1-process run...
-    one = run(model_cfg, train_config(tmp_path / "one"), train_dataset=ToneDataset())
+    one = run(model_cfg, unaugmented(tmp_path / "one"), train_dataset=ToneDataset())
     assert one["status"] == "completed" and one["step"] == 4
     two = str(out / "two")
     assert [r["step"] for r in rows(two)] == [0, 1]
@@ -225,7 +231,7 @@ def test_two_process_run_matches_one_and_resumes_in_one(session, tmp_path):
     assert state["rng_per_rank"][0]["torch"].ne(state["rng_per_rank"][1]["torch"]).any()  # per-rank noise streams
 
     # ...and the 2-process checkpoint resumes in 1 process and continues on the same curve.
-    resumed = run(model_cfg, train_config(two, resume=True), train_dataset=ToneDataset())
+    resumed = run(model_cfg, unaugmented(two, resume=True), train_dataset=ToneDataset())
     assert resumed["status"] == "completed" and resumed["step"] == 4
     assert [r["step"] for r in rows(two)] == [0, 1, 2, 3]
     for a, b in zip(rows(two)[2:], rows(tmp_path / "one")[2:]):

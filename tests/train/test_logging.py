@@ -74,8 +74,8 @@ def test_a_non_finite_step_never_reaches_the_weights(template, tmp_path, monkeyp
     calls = {"n": 0}
     original = CoLLAT.compute_losses
 
-    def nan_at_step_1(self, wave, texts):
-        out = original(self, wave, texts)
+    def nan_at_step_1(self, wave, texts, spec_masks=None):
+        out = original(self, wave, texts, spec_masks)
         calls["n"] += 1
         if calls["n"] == 2:
             out["loss"] = out["loss"] * float("nan")

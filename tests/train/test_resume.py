@@ -16,7 +16,13 @@ from collat.train import run
 from collat.train.checkpoint import CHECKPOINT_DIR, find_checkpoint, rng_state
 from collat.train.optim import build_optimizer
 from collat.train.runlog import LOG_NAME, read_log
-from collat.train.state_io import LEGACY_STATE, STATE_JSON, STATE_TENSORS, TrainerStateError, read_trainer_state
+from collat.train.state_io import (
+    LEGACY_STATE,
+    STATE_JSON,
+    STATE_TENSORS,
+    TrainerStateError,
+    read_trainer_state,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,10 +15,10 @@ from collat.train import NonFiniteLossError, run
 from collat.train.__main__ import main, parse_args
 from collat.train.batching import epoch_batches
 from collat.train.checkpoint import CHECKPOINT_DIR
-from collat.train.state_io import read_trainer_state
 from collat.train.distributed import World
 from collat.train.loop import RESULTS_NAME
 from collat.train.runlog import LOG_NAME, PLOT_NAME, read_log
+from collat.train.state_io import read_trainer_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,11 +60,11 @@ def test_signal_saves_checkpoint_and_stops(template, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = CoLLAT.compute_losses
 
-    def compute_then_signal(self, wave, texts):
+    def compute_then_signal(self, wave, texts, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step; the step finishes, then it stops
-        return original(self, wave, texts)
+        return original(self, wave, texts, *args, **kwargs)
 
     monkeypatch.setattr(CoLLAT, "compute_losses", compute_then_signal)
     result = train(template, tmp_path, save_every=100)
@@ -78,8 +78,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(template, tmp_path, mon
     calls = {"n": 0}
     original = CoLLAT.compute_losses
 
-    def nan_at_step_3(self, wave, texts):
-        out = original(self, wave, texts)
+    def nan_at_step_3(self, wave, texts, *args, **kwargs):
+        out = original(self, wave, texts, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 4:
             out["loss"] = out["loss"] * float("nan")
