@@ -8,7 +8,7 @@ valid, the most traffic):
                   op falls back to the reference, and the table says so
 Modes: "fwd" under torch.no_grad (evaluation), "fwd+bwd" = loss, then torch.autograd.grad with
 respect to pred (L_ct), and "L_ut fwd+bwd" = identity perm with gradients to pred and target.
-Targets (DESIGN.md section 4, H100/H200): fwd+bwd <= 45 us fp32 and <= 25 us bf16 at B=256.
+Targets (docs/design.md §4, H100/H200): fwd+bwd <= 45 us fp32 and <= 25 us bf16 at B=256.
 Every contender gets wall time per call (host issue included), GPU time (back-to-back calls) and peak
 memory (benchmarks/harness.py). --profile (CUDA) prints ours' per-kernel GPU times after all timings
 (a profiler run right before a timing would distort it). --sweep (CUDA) times fwd+bwd at B=256 for

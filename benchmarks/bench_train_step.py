@@ -7,12 +7,12 @@ side on the same sizes and the same batch, each with wall time per step, GPU tim
   compiled reference    torch.compile of the reference model's AST, interaction and text tower
   compiled fused        torch.compile of the fused model's AST, interaction and text tower (the Triton
                         ops are triton_ops: Inductor traces into them)
-  plain PyTorch (fbank) the DESIGN.md section 4 anchor, written by hand in benchmarks/plain_step.py:
+  plain PyTorch (fbank) the docs/design.md §4 anchor, written by hand in benchmarks/plain_step.py:
                         transformers' AST, open_clip's CLIP text tower, the interaction module and the
                         losses (cdist + loop greedy matching) in plain PyTorch, from precomputed fbanks
 
 GPU: AST-base, CLIP ViT-B-32 text tower, 8 interaction blocks, 10 s clips padded to 1024 frames (1212
-audio tokens), B=32, bf16 autocast, fused AdamW (DESIGN.md section 4: the anchor took 228 ms on an H200;
+audio tokens), B=32, bf16 autocast, fused AdamW (docs/design.md §4: the anchor took 228 ms on an H200;
 target: fused >= 2x the anchor, the compiled fused step faster still). CPU: a tiny config (micro AST,
 1 s clips, 2 blocks, CLIP ViT-B-32 text tower), fp32, to check that every contender runs.
 

@@ -1,4 +1,4 @@
-"""The DESIGN.md section 4 anchor: one CoLLAT training step as a user would write it by hand in plain
+"""The docs/design.md §4 anchor: one CoLLAT training step as a user would write it by hand in plain
 PyTorch, from precomputed fbanks, with nothing from collat.
 
     AST (transformers.ASTModel, SDPA attention) -> Linear to the text width

@@ -1,4 +1,4 @@
-// CPU kernel of collat::greedy_match (DESIGN.md section 2), in parallel over the batch.
+// CPU kernel of collat::greedy_match (docs/design.md §2), in parallel over the batch.
 //
 // Per item, text rows are taken right to left in groups of 8 (matching_cpu.h): the group's
 // distances to the predicted rows still free are computed together, then its rows choose one after

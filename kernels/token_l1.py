@@ -1,4 +1,4 @@
-"""token_l1_loss: the matched token L1 loss (L_ct of DESIGN.md section 2, also L_ut) as Triton kernels.
+"""token_l1_loss: the matched token L1 loss (L_ct of docs/design.md §2, also L_ut) as Triton kernels.
 
     loss = sum over valid (b, j) of |pred[b, perm[b, j]] - target[b, j]|_1 / (D * #valid)
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real sounds for the embedded data set: the FluidR3 GM soundfont and libfluidsynth (DESIGN.md 5).
+# Real sounds for the embedded data set: the FluidR3 GM soundfont and libfluidsynth (docs/design.md §5).
 if [ ! -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ] || ! ldconfig -p | grep -q libfluidsynth; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="train", help="manifest split that trains the probes (default train)")
     p.add_argument("--embedded", action="store_true", help="also evaluate the embedded soundfont sets "
                                                            "(the default when no --manifest is given)")
+    p.add_argument("--other-soundfont", metavar="SF2", help="with the embedded sets: also the seen classes rendered "
+                   "from this General MIDI soundfont (recordings never heard in training; e.g. Debian's "
+                   "timgm6mb-soundfont: /usr/share/sounds/sf2/TimGM6mb.sf2)")
     p.add_argument("--test-size", type=positive_int, default=200, help="clips per embedded test set (held-out: half)")
     p.add_argument("--train-size", type=non_negative_int, default=400, help="embedded clips that train each probe")
     p.add_argument("--data-seed", type=int, default=0)
@@ -132,7 +135,8 @@ def build_sets(args, options: EvalOptions, clip_seconds: float) -> tuple[list[Cl
             sets += found
     if args.embedded or not sources:
         sets += embedded_sets(clip_seconds, args.test_size, args.train_size, args.data_seed,
-                              probe="probe" in options.tasks and bool(options.probes))
+                              probe="probe" in options.tasks and bool(options.probes),
+                              other_soundfont=args.other_soundfont)
     return sets, cross_validation
 
 

@@ -4,6 +4,8 @@ Embedded sets (test split, clips as long as the model's clip_seconds):
   soundfont/seen-single    1 source, the 30 seen classes           accuracy, probe
   soundfont/heldout-single 1 source, the 6 held-out classes        accuracy (6-way)
   soundfont/seen-mixture   2-3 sources, the 30 seen classes        mAP, probe, retrieval
+  soundfont/seen-single-other-recordings   (with other_soundfont) 1 source, the 30 seen classes rendered
+                           from another General MIDI soundfont: recordings never heard in training
 The mixtures use every ordering of their class names as the clip's captions (the template is
 order-agnostic), so a clip has 2 or 6 relevant captions. Manifests: rows of one split (all rows when
 the manifest has no split column); labelled rows give classification, captioned rows retrieval.
@@ -42,11 +44,12 @@ class ClipSet:
         return self.labels is not None and bool((self.labels.sum(1) != 1).any())
 
 
-def soundfont_set(name, split, size, classes, sources, seed, clip_seconds, captions=False) -> ClipSet:
+def soundfont_set(name, split, size, classes, sources, seed, clip_seconds, captions=False,
+                  soundfont: str | None = None) -> ClipSet:
     from collat.data.soundfont import SoundfontDataset
 
     data = SoundfontDataset(split, size=size, seed=seed, classes=classes, sources=sources, clip_seconds=clip_seconds,
-                            shuffle_labels=False)
+                            shuffle_labels=False, soundfont=soundfont)
     items = [data[i] for i in progress(range(len(data)), f"rendering {name}")]
     clip_captions = None
     if captions:
@@ -56,8 +59,9 @@ def soundfont_set(name, split, size, classes, sources, seed, clip_seconds, capti
 
 
 def embedded_sets(clip_seconds: float, test_size: int = 200, train_size: int = 400, seed: int = 0,
-                  probe: bool = True) -> list[ClipSet]:
-    """The embedded soundfont evaluation sets of the module docstring (test split; probes on train)."""
+                  probe: bool = True, other_soundfont: str | None = None) -> list[ClipSet]:
+    """The embedded soundfont evaluation sets of the module docstring (test split; probes on train);
+    other_soundfont (a .sf2 path) adds the seen classes rendered from that soundfont's recordings."""
     from collat.data.gm_sounds import HELDOUT_CLASSES, SEEN_CLASSES
 
     if test_size < 1:
@@ -74,6 +78,11 @@ def embedded_sets(clip_seconds: float, test_size: int = 200, train_size: int = 4
             clip_set.notes.append("zero-shot only: these classes are never trained on, probes would defeat the point")
         elif probe and train_size > 0:
             clip_set.train = soundfont_set(name + "/train", "train", train_size, classes, sources, seed, clip_seconds)
+        sets.append(clip_set)
+    if other_soundfont:
+        clip_set = soundfont_set("soundfont/seen-single-other-recordings", "test", test_size, SEEN_CLASSES, (1, 1),
+                                 seed, clip_seconds, soundfont=other_soundfont)
+        clip_set.notes.append(f"zero-shot only: the seen classes played by {os.path.basename(other_soundfont)}")
         sets.append(clip_set)
     return sets
 

@@ -1,4 +1,4 @@
-"""Audio side: the kaldi fbank front end and the AST encoder f_a (DESIGN.md section 1).
+"""Audio side: the kaldi fbank front end and the AST encoder f_a (docs/design.md §1).
 
 wave [B, T] at 16 kHz -> fbank [B, target_frames, 128] (deterministic: crop or zero-pad at the end,
 never a random crop) -> AST patches 16x16 with stride 10 in both axes -> patch tokens [B, M, D_a]
@@ -28,7 +28,7 @@ EPSILON = torch.finfo(torch.float32).eps  # kaldi's floor of the mel energies be
 CPU_SLICE_FRAMES = 1600  # frames per slice on the CPU (~3 MB of frames: stays in cache)
 MEL_BANDS = 8  # column blocks of the mel matrix on the CPU (each block's nonzero rows are a narrow band)
 
-# hidden size, layers, heads (MLP 4x). "tiny" is the CPU size of DESIGN.md section 5; "micro" is for tests.
+# hidden size, layers, heads (MLP 4x). "tiny" is the CPU size of docs/design.md §5; "micro" is for tests.
 AST_SIZES = {
     "micro": (64, 1, 2),
     "tiny": (192, 4, 3),
@@ -53,7 +53,7 @@ class FbankFrontEnd(nn.Module):
 
     Clip by clip it equals `torchaudio.compliance.kaldi.fbank(wave - wave.mean(), htk_compat=True,
     use_energy=False, window_type=..., num_mel_bins=128, dither=0.0, frame_shift=10)` (the definition,
-    DESIGN.md section 1), in the same order of operations (the lowest bins after pre-emphasis are
+    docs/design.md §1), in the same order of operations (the lowest bins after pre-emphasis are
     cancellation-dominated, so a reordered formula drifts from it). torchaudio's function takes one 1-D
     clip per call and rebuilds the mel bank on the host every call, so its steps are written here over
     a batch: window and mel matrix are buffers built once (non-persistent: checkpoints keep their keys);

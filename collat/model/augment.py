@@ -1,4 +1,4 @@
-"""Training-time transforms of waves and fbanks (DESIGN.md section 5, "Augmentation"): batched on the
+"""Training-time transforms of waves and fbanks (docs/design.md §5, "Augmentation"): batched on the
 batch's device, every random draw from the generator the caller passes, no host sync.
 
     masks = SpecMasks.draw(B, max_time=80, max_freq=24, generator=g)  # AST's SpecAugment

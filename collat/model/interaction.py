@@ -1,4 +1,4 @@
-"""Token interaction module f_at (paper Fig. 3b, DESIGN.md section 1).
+"""Token interaction module f_at (paper Fig. 3b, docs/design.md §1).
 
 N query vectors drawn from N(0, 1) attend to the projected audio tokens through `depth` blocks of
     x = x + CrossAttn(LN(x), LN(a));  x = x + MLP(LN(x))

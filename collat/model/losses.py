@@ -1,4 +1,4 @@
-"""The three CoLLAT losses (paper section 3.2-3.4, DESIGN.md section 2).
+"""The three CoLLAT losses (paper section 3.2-3.4, docs/design.md §2).
 
 L_ct  cross-modal token loss: match predicted tokens to text tokens (greedy right-to-left, or
       optimal), then the mean L1 distance of the matched pairs. The matching is not differentiated.

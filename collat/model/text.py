@@ -1,4 +1,4 @@
-"""Locked text encoders behind one interface (DESIGN.md section 1, "Text side" and "Locking").
+"""Locked text encoders behind one interface (docs/design.md §1, "Text side" and "Locking").
 
 A `LockedTextEncoder` exposes what CoLLAT needs from a pretrained text model:
   tokenize(texts)            -> ids [B, N] int64, mask [B, N] bool (valid tokens form a prefix)

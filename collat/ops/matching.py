@@ -1,4 +1,4 @@
-"""Token matching ops: greedy right-to-left (the paper's g, DESIGN.md section 2) and optimal.
+"""Token matching ops: greedy right-to-left (the paper's g, docs/design.md §2) and optimal.
 
     perm = greedy_match(pred, target, lengths, metric="l1")    # or optimal_match
 

@@ -35,7 +35,7 @@ def pairwise_distance(target: torch.Tensor, pred: torch.Tensor, metric: str = "l
 
 
 def greedy_match(pred: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor, metric: str = "l1") -> torch.Tensor:
-    """Greedy right-to-left matching of DESIGN.md section 2.
+    """Greedy right-to-left matching of docs/design.md §2.
 
     For every item b, text tokens j = L_b-1 .. 0 each take the closest predicted token i that is
     not yet taken (ties to the smallest i; a NaN distance counts as +inf, as in the kernels, so a

@@ -111,6 +111,24 @@ def test_cli_embedded_end_to_end(model_dir, tmp_path, capsys):
     assert "| soundfont/seen-mixture | zero-shot/mAP |" in capsys.readouterr().out
 
 
+def test_cli_other_recordings_of_the_seen_classes(model_dir, tmp_path, capsys):
+    """--other-soundfont adds the seen classes played by another soundfont (here the same file, which tests
+    the plumbing: the clips equal the seen-single set's); a missing file is named."""
+    from collat.data.soundfont import find_soundfont
+
+    out = tmp_path / "eval.json"
+    code = evaluate_main(["--model", str(model_dir), "--test-size", "3", "--probe", "none", "--tasks", "zero-shot",
+                          "--other-soundfont", find_soundfont(), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    sets = json.loads(out.read_text())["sets"]
+    other, seen = sets["soundfont/seen-single-other-recordings"], sets["soundfont/seen-single"]
+    assert other["conditions"]["clean"] == seen["conditions"]["clean"]
+    assert any("played by" in note for note in other["notes"])
+    assert evaluate_main(["--model", str(model_dir), "--test-size", "3", "--probe", "none", "--tasks", "zero-shot",
+                          "--other-soundfont", str(tmp_path / "none.sf2"), "--out", str(tmp_path / "x.json")]) == 1
+    assert "none.sf2" in capsys.readouterr().err
+
+
 def _write_manifest(tmp_path):
     rows = []
     generator = np.random.default_rng(0)
@@ -169,22 +187,31 @@ def test_ablation_rows_table_and_plot(tmp_path, capsys):
 
     configs = ablate.row_configs("cpu", ["untrained", "full", "no-ct", "no-ut", "no-cg", "optimal"])
     by_name = {name: config for name, config, _ in configs}
-    assert by_name["no-ct"].lambda_ct == 0 and by_name["no-ut"].lambda_ut == 0 and by_name["no-cg"].lambda_cg == 0
+    assert by_name["no-ct"].lambda_ct == 0 and by_name["no-ut"].lambda_ut == 0 and not by_name["no-ut"].twins_in_main_losses and by_name["no-cg"].lambda_cg == 0
     assert by_name["optimal"].matching == "optimal" and by_name["full"].matching == "greedy"
     assert by_name["full"].lambda_ct == by_name["no-ut"].lambda_ct  # rows differ only in what they remove
     with pytest.raises(ValueError, match="unknown ablation row"):
         ablate.row_configs("cpu", ["full", "no-everything"])
 
-    args = ablate.build_parser().parse_args(["--steps", "3"])
-    rows = [{"name": name, "config": {"lambda_ct": 1.0, "lambda_cg": 1.0, "lambda_ut": 0.01, "matching": "greedy"},
-             "train_seconds": 1.0,
-             "results": {"soundfont/seen-single": {c: {"zero-shot/top1": 0.5} for c in ablate.CONDITIONS},
-                         "soundfont/seen-mixture": {"clean": {"zero-shot/mAP": 0.25}}}}
-            for name in ("full", "no-ct")]
+    args = ablate.build_parser().parse_args(["--steps", "3", "--seed", "0,1"])
+    assert ablate.parse_seeds(args.seed) == [0, 1] and ablate.build_parser().parse_args([]).steps is None
+
+    def row(name, seed, top1):
+        return {"name": name, "seed": seed, "train_steps": 3, "train_seconds": 1.0,
+                "config": {"lambda_ct": 1.0, "lambda_cg": 1.0, "lambda_ut": 0.01, "matching": "greedy"},
+                "results": {"soundfont/seen-single": {c: {"zero-shot/top1": top1} for c in ablate.CONDITIONS},
+                            "soundfont/seen-mixture": {"clean": {"zero-shot/mAP": 0.25}}}}
+
+    rows = [row(name, seed, 0.5 + 0.1 * seed) for seed in (0, 1) for name in ("full", "no-ct")]
     table = ablate.format_markdown(rows, args)
-    assert "| no-ct | 1 | 1 | 0.01 | greedy | 0.500 | 0.500 | 0.500 | 0.250 | - | - | 1 |" in table
+    assert "| no-ct | 1 | 1 | 1 | 0.01 | greedy | 0.600 | 0.600 | 0.600 | 0.250 | - | - | 1 |" in table
+    assert "| no-ct | 0.550 (0.50, 0.60) | 0.550 (0.50, 0.60) | 0.250 (0.25, 0.25) | - |" in table
+    summary = ablate.summary_rows(rows)
+    assert [s["row"] for s in summary] == ["full", "no-ct"] and summary[0]["seeds"] == [0, 1]
     ablate.plot(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="comma list of integers"):
+        ablate.parse_seeds("0,x")
 
     assert ablate.main(["--rows", "full,bogus", "--out", str(tmp_path / "abl")]) == 1
     assert "unknown ablation row 'bogus'" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def _layer_norm(x, weight, bias, eps=1e-5):
 
 
 def hand_written_forward(params, queries, audio, mask, depth, heads):
-    """f_at of DESIGN.md section 1 from the raw parameters, in float64, without the module's code:
+    """f_at of docs/design.md §1 from the raw parameters, in float64, without the module's code:
     x = N(0, 1) queries; per block x += CrossAttn(LN(x), LN(a)); x += MLP(LN(x)); then LN, Linear."""
     p = {name: t.double() for name, t in params.items()}
     a = audio.double()

@@ -146,7 +146,7 @@ def independent_losses(model, h_all, texts, B, k):
 
 
 def test_loss_wiring_matches_a_hand_computation(model, waves):
-    """Each weight multiplies its own term, and each term is the formula of DESIGN.md section 2."""
+    """Each weight multiplies its own term, and each term is the formula of docs/design.md §2."""
     model.config.lambda_ct, model.config.lambda_cg, model.config.lambda_ut = 0.3, 0.7, 2.0
     model.config.noisy_fraction = 0.5
     store = {}
