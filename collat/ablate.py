@@ -144,8 +144,8 @@ def format_markdown(rows: list[dict], args, chance: float | None = None) -> str:
     header = ["row", "seed", "L_ct", "L_cg", "L_ut", "matching"]
     header += [f"{label} {condition}" for _, _, label in COLUMNS for condition in CONDITIONS]
     header += ["train s"]
-    lines += ["Every run:" if len(seeds) > 1 else "", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * 6 + "---:|" * (len(header) - 6)]
+    lines += (["Every run:", ""] if len(seeds) > 1 else []) + [
+        "| " + " | ".join(header) + " |", "|" + "---|" * 6 + "---:|" * (len(header) - 6)]
     for row in rows:
         cfg = row["config"]
         cells = [row["name"], str(row["seed"]), f"{cfg['lambda_ct']:g}", f"{cfg['lambda_cg']:g}",

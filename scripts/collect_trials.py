@@ -1,5 +1,5 @@
 """Collects finished training runs into one trials file: per run, the options it changed from the preset,
-its final table and its wall time. Usage: python scripts/collect_trials.py OUT.json NAME=RUN_DIR ...
+its final table and its wall time. Usage: python scripts/collect_trials.py OUT.json "NAME=RUN_DIR" ...
 (docs/results/noise_trials.json was written this way from runs of `python -m collat.train` with the options
 each entry lists.)"""
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     out, runs = argv[0], argv[1:]
     trials = []
     for item in runs:
-        name, folder = item.split("=", 1)
+        name, folder = item.rsplit("=", 1)
         with open(os.path.join(folder, "results.json")) as f:
             results = json.load(f)
         log = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl")) if line.strip()]
