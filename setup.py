@@ -73,6 +73,8 @@ EXTRAS_REQUIRE = {
     # yanked pythonwrench, 0.5.5 pulls msclap, which downgrades transformers and numpy.
     "captioning": ["aac-metrics==0.5.4"],
     "dev": ["pytest", "ruff", "ninja"],
+    # --fp8 training (float8 GEMMs for AST's linear layers, H100/H200): imported only when asked for.
+    "fp8": ["torchao"],
 }
 
 

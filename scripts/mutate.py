@@ -1,7 +1,8 @@
 """Mutation testing: deliberately broken one-edit variants of the model, losses, augmentation, training,
 data and metrics code; each must be killed (a test of the named files fails). Usage:
 python scripts/mutate.py [--list] [NAME ...] (default: all; names like L3). Restores every file it touches,
-also on Ctrl-C. Writes docs/results/mutation.json. The ops have their own list: scripts/mutate_ops.py.
+also on Ctrl-C. Keeps one record per mutant in docs/results/mutation.json (a rerun replaces its mutants').
+The ops have their own list: scripts/mutate_ops.py.
 (Hand-written: mutmut/cosmic-ray mutate every operator of a file blindly and take hours on 2 cores; these
 are the faults a reviewer would worry about, each aimed at the tests that should catch it.)"""
 from __future__ import annotations
@@ -16,9 +17,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LOSS_TESTS = "tests/model/test_losses.py tests/model/test_model.py"
 AUDIO_TESTS = "tests/model/test_audio.py tests/model/test_model.py"
 AUG_TESTS = "tests/model/test_augment.py"
-TRAIN_TESTS = "tests/train/test_train.py tests/train/test_logging.py tests/adversarial/test_training_adversarial.py"
+TRAIN_TESTS = "tests/train/test_optim.py tests/train/test_train.py tests/train/test_logging.py tests/adversarial/test_training_adversarial.py"
 RESUME_TESTS = "tests/train/test_resume.py tests/adversarial/test_checkpoint_faults.py"
-DATA_TESTS = "tests/data/test_data_soundfont.py tests/data/test_data_real.py tests/adversarial/test_data_adversarial.py"
+DATA_TESTS = "tests/data/test_collate.py tests/data/test_data_soundfont.py tests/data/test_data_real.py tests/adversarial/test_data_adversarial.py"
 METRIC_TESTS = "tests/evaluate/test_metrics.py"
 
 # (name, file, old text (must occur once), new text, test files)
@@ -135,19 +136,21 @@ def run_mutant(name: str, path: str, old: str, new: str, tests: str) -> dict:
             "summary": lines[-1] if lines else result.stderr[-200:], "seconds": round(time.time() - start, 1)}
 
 
-def run_all(mutants: list, out: str | None) -> list[dict]:
+def run_all(mutants: list, out: str) -> list[dict]:
+    """Runs the mutants; `out` keeps one record per mutant (a rerun of some replaces theirs)."""
+    path = pathlib.Path(out)
+    records = {r["name"]: r for r in json.loads(path.read_text())["mutants"]} if path.exists() else {}
     results = []
     for mutant in mutants:
         record = run_mutant(*mutant)
         results.append(record)
+        records[record["name"]] = record
         print(f"{record['name']}: {'KILLED' if record['killed'] else 'SURVIVED'} by {record['by'] or '-'} "
               f"({record['summary']}, {record['seconds']} s)", flush=True)
-        if out:
-            killed = sum(r["killed"] for r in results)
-            pathlib.Path(out).write_text(json.dumps({"killed": killed, "total": len(results), "mutants": results},
-                                                    indent=1) + "\n")
-    killed = sum(r["killed"] for r in results)
-    print(f"{killed} of {len(results)} mutants killed")
+        ordered = [records[m[0]] for m in MUTANTS if m[0] in records]
+        path.write_text(json.dumps({"killed": sum(r["killed"] for r in ordered), "total": len(ordered),
+                                    "mutants": ordered}, indent=1) + "\n")
+    print(f"{sum(r['killed'] for r in results)} of {len(results)} mutants killed in this run")
     return results
 
 
@@ -157,7 +160,7 @@ def main(argv: list[str]) -> int:
             print(mutant[0])
         return 0
     chosen = [m for m in MUTANTS if not argv or m[0].split()[0] in argv]
-    results = run_all(chosen, None if argv else str(ROOT / "docs/results/mutation.json"))
+    results = run_all(chosen, str(ROOT / "docs/results/mutation.json"))
     return 0 if all(r["killed"] for r in results) else 1
 
 

@@ -30,7 +30,7 @@ INDIRECT = {
     "triton": "imported by collat.kernels (the Triton kernels and their CPU interpreter)",
     "jinja2": "huggingface_hub renders collat's model card (README.md of a checkpoint) with it",
 }
-OPTIONAL = {"aac_metrics": "captioning"}  # imported only where guarded, so it lives in an extra
+OPTIONAL = {"aac_metrics": "captioning", "torchao": "fp8"}  # imported only where guarded, so they live in extras
 
 
 def declared() -> tuple[list[str], dict[str, list[str]]]:

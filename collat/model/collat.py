@@ -180,7 +180,7 @@ class CoLLAT(PretrainedMixin, nn.Module):
         try:
             from torchao.float8 import convert_to_float8_training
         except ImportError as error:
-            raise RuntimeError(f"fp8 training needs torchao (`pip install torchao`): {error}") from None
+            raise RuntimeError(f"fp8 training needs torchao (`pip install -e '.[fp8]'` or `pip install torchao`): {error}") from None
         capability = torch.cuda.get_device_capability(self.device)
         if capability < (8, 9):
             raise RuntimeError(f"fp8 training needs a GPU of compute capability >= 8.9 (Ada/Hopper), got {capability}")

@@ -136,3 +136,14 @@ def test_waveform_noise_is_reproducible_and_has_the_asked_std():
     with pytest.raises(TypeError, match="floating point"):
         metrics.add_waveform_noise(torch.zeros(3, dtype=torch.int64))
     assert math.isclose(metrics.add_waveform_noise(wave, std=0.0).abs().sum().item(), 0.0)
+
+
+def test_retrieval_map_at_10_of_a_clip_with_more_than_10_captions():
+    # Clip 0 owns captions 0..11, ranked first to twelfth: its top 10 are all relevant, so AP@10 = 1 (the
+    # normaliser is min(relevant, 10), not the 12 relevant captions). Clip 1 owns caption 12, ranked first.
+    owner = [0] * 12 + [1]
+    similarity = np.zeros((2, 13))
+    similarity[0, :12] = np.arange(12, 0, -1)
+    similarity[1, 12] = 1.0
+    result = metrics.retrieval_metrics(similarity, owner)
+    assert result["audio_to_text/mAP@10"] == pytest.approx(1.0)
