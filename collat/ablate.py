@@ -49,7 +49,7 @@ The paper's directions: without L_ct multi-label mAP drops most; without L_ut no
 Differences between rows can be within seed-to-seed noise: --seed 0,1 runs every row with two seeds.
 
 writes OUT/ablation.md (table), OUT/ablation.json and OUT/ablation.png, rewritten after every row;
-each row's run folder (checkpoint, log.jsonl, losses.png) is OUT/<row>/."""
+each row's run folder (checkpoint, log.jsonl, losses.png) is OUT/<row>/ (OUT/seed-S/<row>/ with several seeds)."""
 
 
 def row_configs(preset: str, rows: list[str]):
@@ -110,11 +110,15 @@ def _value(row: dict, set_name: str, metric: str, condition: str):
     return row["results"].get(set_name, {}).get(condition, {}).get(metric)
 
 
+def runs_by_row(rows: list[dict]) -> dict[str, list[dict]]:
+    """{row name: its runs (one per seed)}, in the order the rows ran."""
+    return {name: [row for row in rows if row["name"] == name] for name in dict.fromkeys(r["name"] for r in rows)}
+
+
 def summary_rows(rows: list[dict]) -> list[dict]:
     """Per row name: the mean over seeds of each summary column, as "mean (seed a, seed b, ...)" cells."""
     out = []
-    for name in dict.fromkeys(row["name"] for row in rows):
-        runs = [row for row in rows if row["name"] == name]
+    for name, runs in runs_by_row(rows).items():
         cells = {}
         for set_name, metric, label, condition in SUMMARY_COLUMNS:
             values = [_value(run, set_name, metric, condition) for run in runs]
@@ -165,17 +169,16 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(row["name"] for row in rows))
+    grouped = runs_by_row(rows)
     fig, axes = plt.subplots(1, len(COLUMNS), figsize=(6 * len(COLUMNS), 4), squeeze=False)
-    width = 0.8 / max(len(names), 1)
+    width = 0.8 / max(len(grouped), 1)
     for ax, (set_name, metric, label) in zip(axes[0], COLUMNS):
-        for r, name in enumerate(names):
-            runs = [row for row in rows if row["name"] == name]
+        for r, (name, runs) in enumerate(grouped.items()):
             per_seed = [[_value(run, set_name, metric, c) for run in runs] for c in CONDITIONS]
             means = [sum(v) / len(v) if None not in v else float("nan") for v in per_seed]
             spread = [[m - min(v) for m, v in zip(means, per_seed)], [max(v) - m for m, v in zip(means, per_seed)]] \
                 if all(None not in v for v in per_seed) else None
-            ax.bar([c + (r - (len(names) - 1) / 2) * width for c in range(len(CONDITIONS))], means, width,
+            ax.bar([c + (r - (len(grouped) - 1) / 2) * width for c in range(len(CONDITIONS))], means, width,
                    yerr=spread if len(runs) > 1 else None, capsize=2, label=name)
         ax.set_xticks(range(len(CONDITIONS)), CONDITIONS)
         ax.set_title(label)

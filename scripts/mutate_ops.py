@@ -1,11 +1,10 @@
 """Deliberately broken variants of the ops (one-line mutants) against the adversarial suite: each must
 be killed (a test fails). Usage: python scripts/mutate_ops.py [M1 M5 ...] (default: all). Restores
-every file it touches, also on Ctrl-C."""
-import pathlib
-import subprocess
+every file it touches, also on Ctrl-C. The runner is scripts/mutate.py's run_mutant."""
 import sys
 
-root = pathlib.Path(__file__).resolve().parent.parent
+from mutate import run_mutant
+
 mutants = [
  ("M1 output layout ignores stride-0 (old _empty_in_layout_of)", "kernels/attention.py",
   "    order = sorted(range(last), key=outer_first) + [last]", "    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))", "tests/adversarial/test_ops_attention.py"),
@@ -36,16 +35,10 @@ mutants = [
  ("M13 attention empties: Nk=0 not handled in the reference", "collat/ops/reference.py",
   "    if k.shape[-2] == 0:\n        return torch.matmul(scores, v)  # no keys: zeros [B, H, Nq, d]\n", "", "tests/adversarial/test_ops_attention.py"),
 ]
-only = sys.argv[1:] 
-for name, path, old, new, tests in mutants:
-    if only and name.split()[0] not in only: continue
-    p = root / path; src = p.read_text()
-    assert src.count(old) == 1, (name, src.count(old))
-    p.write_text(src.replace(old, new))
-    try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", tests], cwd=root, capture_output=True, text=True, timeout=900)
-        last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-200:]
-        failed = [l.split("::")[1].split(" ")[0] for l in r.stdout.splitlines() if l.startswith("FAILED")]
-        print(f"{name}: {'KILLED' if r.returncode else 'SURVIVED'} ({last}) {failed[:2]}", flush=True)
-    finally:
-        p.write_text(src)
+only = sys.argv[1:]
+for mutant in mutants:
+    if only and mutant[0].split()[0] not in only:
+        continue
+    record = run_mutant(*mutant)
+    print(f"{record['name']}: {'KILLED' if record['killed'] else 'SURVIVED'} ({record['summary']}) {record['by'][:2]}",
+          flush=True)

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -43,3 +44,40 @@ def model_dir(tmp_path_factory):
     config = CoLLATConfig(audio_size="tiny", interaction_depth=1, interaction_heads=4, clip_seconds=1.0, context_length=16)
     CoLLAT(config).save_pretrained(str(path))
     return path
+
+
+class Interrupter:
+    """Raises KeyboardInterrupt before the n-th program the Triton interpreter runs (what Ctrl-C in
+    the middle of a launch does); counts the programs of a whole call when n is None."""
+
+    def __init__(self, monkeypatch, n=None):
+        from triton.runtime import interpreter
+
+        self.n, self.programs = n, 0
+        builder = interpreter.interpreter_builder
+        real = builder.set_grid_idx
+
+        def set_grid_idx(*idx):
+            self.programs += 1
+            if self.n is not None and self.programs == self.n:
+                raise KeyboardInterrupt
+            return real(*idx)
+
+        monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
+
+
+@pytest.fixture
+def interrupter(monkeypatch):
+    """interrupter(n) is a context in which the n-th program of the Triton interpreter raises
+    KeyboardInterrupt; leaving it restores the interpreter."""
+    from collat.kernels import _utils
+
+    if not _utils.INTERPRET:
+        pytest.skip("interrupts the Triton interpreter's programs")
+
+    @contextlib.contextmanager
+    def make(n=None):
+        with monkeypatch.context() as patch:
+            yield Interrupter(patch, n)
+
+    return make

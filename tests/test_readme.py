@@ -22,15 +22,13 @@ ROW_NAMES = {  # README row label -> key in results.json
 
 def table_rows(after: str) -> list[list[str]]:
     """The first markdown table after the heading or sentence `after`, as cells (header excluded)."""
-    text = README[README.index(after):]
-    lines = [line for line in text.splitlines() if line.startswith("|")]
     block = []
-    for line in text.splitlines()[1:]:
+    for line in README[README.index(after):].splitlines()[1:]:
         if line.startswith("|"):
             block.append([cell.strip() for cell in line.strip().strip("|").split("|")])
         elif block:
             break
-    assert lines and block, f"no table after {after!r}"
+    assert block, f"no table after {after!r}"
     return block[2:]
 
 

@@ -578,30 +578,17 @@ def test_every_empty_dimension_on_every_backend(backend, shape, with_mask):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="interrupts programs of the Triton interpreter")
 @pytest.mark.parametrize("interrupt_at", [1, 2, 3])
-def test_a_backward_interrupted_mid_launch_leaves_later_calls_exact(interrupt_at, monkeypatch):
+def test_a_backward_interrupted_mid_launch_leaves_later_calls_exact(interrupt_at, interrupter):
     # With key splits, the last split of a head sums the dq parts (a per-head ticket). Ctrl-C between
     # the interpreter's programs must not leave a ticket that a later call inherits.
-    from triton.runtime import interpreter
-
     B, H, NQ, NK, D = 1, 2, 5, 300, 16
     q, k, v = (t.detach() for t in make_inputs(B, H, NQ, NK, D, torch.float32))
     grad = torch.randn(B, H, NQ, D, device=DEVICE)
     out, lse = attention.attention_forward(q, k, v, None)
     config = attention.LaunchConfig(block_n=64, num_warps=4, num_stages=1, num_splits=3)
     expected = attention.attention_backward(grad, q, k, v, out, lse, None, config=config, mode="fused")
-    programs = []
-    real_set_grid_idx = interpreter.interpreter_builder.set_grid_idx
-
-    def counting_set_grid_idx(*idx):
-        programs.append(idx)
-        if len(programs) == interrupt_at:
-            raise KeyboardInterrupt
-        return real_set_grid_idx(*idx)
-
-    monkeypatch.setattr(interpreter.interpreter_builder, "set_grid_idx", counting_set_grid_idx)
-    with pytest.raises(KeyboardInterrupt):  # another gradient: stale dq parts would show
+    with interrupter(interrupt_at), pytest.raises(KeyboardInterrupt):  # another gradient: stale dq parts would show
         attention.attention_backward(-grad, q, k, v, out, lse, None, config=config, mode="fused")
-    monkeypatch.undo()
     attention.attention_backward(-grad, q, k, v, out, lse, None, config=config, mode="fused")
     for _ in range(2):
         again = attention.attention_backward(grad, q, k, v, out, lse, None, config=config, mode="fused")

@@ -338,26 +338,13 @@ def test_grads_accumulate_and_retained_graph_backward_twice():
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="interrupts programs of the Triton interpreter")
 @pytest.mark.parametrize("interrupt_at", [1, 2, 3, 4, 5, 6])
-def test_a_call_interrupted_mid_launch_leaves_later_calls_exact(interrupt_at, monkeypatch):
+def test_a_call_interrupted_mid_launch_leaves_later_calls_exact(interrupt_at, interrupter):
     # Issue 17.3: Ctrl-C inside a launch (the interpreter runs one program after the other) left the
     # reduction ticket counted up, and every later loss in the process was wrong.
-    from triton.runtime import interpreter
-
     pred, target, perm = make_inputs(2, 13, 13, 77, torch.float32)
     expected = oracle(pred, target, perm, torch.tensor(1.0))
-    programs = []
-    real_set_grid_idx = interpreter.interpreter_builder.set_grid_idx
-
-    def counting_set_grid_idx(*idx):
-        programs.append(idx)
-        if len(programs) == interrupt_at:
-            raise KeyboardInterrupt
-        return real_set_grid_idx(*idx)
-
-    monkeypatch.setattr(interpreter.interpreter_builder, "set_grid_idx", counting_set_grid_idx)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupter(interrupt_at), pytest.raises(KeyboardInterrupt):
         loss_and_grads(token_l1_loss, pred, target, perm, torch.tensor(1.0))
-    monkeypatch.undo()
     for _ in range(2):
         ours = loss_and_grads(token_l1_loss, pred, target, perm, torch.tensor(1.0))
         for name, o, e in zip(("loss", "grad_pred", "grad_target"), ours, expected):
